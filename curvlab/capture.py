@@ -1,0 +1,80 @@
+"""Capture engine: forward hooks plus tensor hooks on layer outputs (as curvlinops does).
+
+The forward hook computes the input statistic at once (so nothing extra is kept alive) and
+registers a hook on the *output tensor*; that hook computes the output-gradient statistic and
+commits the pair. Tensor hooks survive in-place ops on the output (they receive the gradient
+w.r.t. the tensor before modification), unlike ``register_full_backward_hook``. A forward whose
+output never receives a gradient commits nothing, so input and output statistics always pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.interfaces.estimator import FactorEstimator
+from curvlab.layers import LayerRecord
+
+
+def statistics_dtype(module: nn.Module) -> torch.dtype:
+    """Factors are kept in fp32 (fp64 for fp64 models), whatever autocast computes in."""
+    for p in module.parameters(recurse=False):
+        if p.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+class CaptureEngine:
+    """Hooks a list of :class:`LayerRecord` and feeds them statistics while ``is_active()``.
+
+    Statistics are gathered only when grad is enabled, the module is in training mode and the
+    optimizer says this is a curvature step.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list = []
+        self._estimator: FactorEstimator | None = None
+        self._is_active: Callable[[], bool] = lambda: False
+
+    def attach(
+        self,
+        layers: Sequence[LayerRecord],
+        estimator: FactorEstimator,
+        is_active: Callable[[], bool],
+    ) -> None:
+        self.detach()
+        self._estimator = estimator
+        self._is_active = is_active
+        for record in layers:
+            dtype = statistics_dtype(record.module)
+            handle = record.module.register_forward_hook(partial(self._forward_hook, record, dtype))
+            self._handles.append(handle)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _forward_hook(
+        self, record: LayerRecord, dtype: torch.dtype, module: nn.Module, inputs: tuple, output
+    ) -> None:
+        if not (self._is_active() and module.training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return
+        x = inputs[0]
+        with torch.autocast(output.device.type, enabled=False):
+            input_stat = self._estimator.input_statistic(
+                record.adapter, module, x.detach(), output.detach(), dtype
+            )
+        output.register_hook(partial(self._output_hook, record, dtype, input_stat))
+
+    def _output_hook(self, record: LayerRecord, dtype: torch.dtype, input_stat, grad: Tensor) -> None:
+        with torch.autocast(grad.device.type, enabled=False):
+            output_stat = self._estimator.output_statistic(
+                record.adapter, record.module, grad.detach(), dtype
+            )
+        record.accumulate(input_stat, output_stat)

@@ -1,0 +1,28 @@
+"""The plugin interfaces of the curvature pipeline (see docs/architecture.md).
+
+::
+
+    hooks ─> LayerAdapter ─> FactorEstimator ─> Reducer ─> EMA ─> Normalizer ─> DampingPolicy ─> UpdateRule
+             (what a and g    (diagonal |        (ranks)         (min-max |     (Tikhonov λ)     (m/F, ...)
+              are per layer)   banded | full)                     identity)
+"""
+
+from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.interfaces.backend import Backend
+from curvlab.interfaces.damping import DampingPolicy
+from curvlab.interfaces.estimator import FactorEstimator
+from curvlab.interfaces.normalizer import Normalizer
+from curvlab.interfaces.reducer import Reducer
+from curvlab.interfaces.update import Preconditioner, UpdateRule
+
+__all__ = [
+    "Backend",
+    "DampingPolicy",
+    "FactorEstimator",
+    "LayerAdapter",
+    "Normalizer",
+    "Preconditioner",
+    "Reducer",
+    "Statistic",
+    "UpdateRule",
+]

@@ -1,0 +1,110 @@
+"""LayerAdapter: what the Kronecker statistics of one module type are."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Statistic(NamedTuple):
+    """A raw factor statistic as a *sum* over ``count`` rows (mean = total / count).
+
+    Sums and counts (rather than means) make several backward passes per step and several
+    data-parallel ranks average correctly: totals and counts are added, then divided once.
+    """
+
+    total: Tensor
+    count: int
+
+
+class LayerAdapter(ABC):
+    """Knows one module type: which parameters it owns and what its Kronecker rows are.
+
+    For a layer ``z = W ā`` (``ā`` the input row with a trailing 1 when there is a bias, ``g`` the
+    loss gradient w.r.t. ``z``), the diagonal factors are ``H = mean(ā²)`` and ``S = mean(g²)``
+    over the rows (batch × positions), and the un-damped diagonal Fisher of ``[W, b]`` is
+    ``S ⊗ H`` (SPEC §3). Parameters are paired with layers by identity: :meth:`parameters`
+    returns the module's *own* tensors.
+
+    Subclasses set :attr:`module_types` and implement the diagonal statistics; adapters that
+    also serve the full/banded estimators implement :meth:`input_rows` / :meth:`output_rows`.
+    """
+
+    #: module classes this adapter handles
+    module_types: tuple[type[nn.Module], ...] = ()
+    #: match the exact class only (the official code matches by class name) instead of isinstance
+    exact_type: bool = False
+
+    def matches(self, module: nn.Module) -> bool:
+        if self.exact_type:
+            return type(module) in self.module_types
+        return isinstance(module, self.module_types)
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """Role → parameter, for the parameters this adapter gives curvature (default: weight, bias)."""
+        out = {}
+        for role in ("weight", "bias"):
+            p = getattr(module, role, None)
+            if isinstance(p, nn.Parameter):
+                out[role] = p
+        return out
+
+    # -- diagonal statistics -------------------------------------------------------------------
+    @abstractmethod
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        """Σ over rows of ā², accumulated in ``dtype`` (shape chosen by the adapter, see
+        :meth:`curvature`)."""
+
+    @abstractmethod
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        """Σ over rows of g², accumulated in ``dtype`` (one entry per output feature)."""
+
+    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
+        """Un-damped diagonal curvature per role from (normalised) factors, shaped like the params.
+
+        Default: Kronecker layout, ``F[o, i] = S[o] · H[i]`` for the (out, in[+1]) matrix view,
+        last column → bias. ``H`` may carry a leading group dimension (grouped convolutions):
+        output channel ``o`` of group ``k`` then uses ``H[k]``.
+        """
+        params = self.parameters(module)
+        weight = params["weight"]
+        groups = H.shape[0] if H.dim() == 2 else 1
+        H2 = H.reshape(groups, 1, -1)
+        F = (S.reshape(groups, -1, 1) * H2).reshape(S.shape[0], -1)
+        out = {}
+        n_weight = weight[0].numel()
+        out["weight"] = F[:, :n_weight].reshape(weight.shape)
+        if "bias" in params:
+            out["bias"] = F[:, n_weight]
+        return out
+
+    # -- rows for the full / banded estimators --------------------------------------------------
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """ā rows, shape (rows, in[+1]) (or (groups, rows, in_g[+1])); for full/banded estimators."""
+        raise NotImplementedError(
+            f"{type(self).__name__} provides diagonal statistics only; "
+            f"the full and banded estimators need input_rows()"
+        )
+
+    def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """g rows, shape (rows, out); for the full and banded estimators."""
+        raise NotImplementedError(
+            f"{type(self).__name__} provides diagonal statistics only; "
+            f"the full and banded estimators need output_rows()"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def square_sum(x: Tensor, dims: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Σ x² over ``dims`` accumulated in ``dtype`` (fp32 under fp16/bf16 autocast)."""
+    x = x.to(dtype)
+    return (x * x).sum(dims)

@@ -1,0 +1,31 @@
+"""Reducer: sums raw factor statistics across data-parallel ranks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+
+class Reducer(ABC):
+    """Sums per-step statistic totals (and row counts) across ranks.
+
+    Called once per curvature update with every layer's totals; an implementation should issue
+    one coalesced collective (or one per bucket), never one per layer.
+    """
+
+    @abstractmethod
+    def reduce(
+        self, totals: list[Tensor], counts: list[int]
+    ) -> tuple[list[Tensor], list[int | Tensor]]:
+        """Cross-rank sums of the statistic ``totals`` and of their row ``counts``.
+
+        Means are then ``total / count``, i.e. weighted by each rank's number of rows.
+        """
+
+    def all_finite(self, flag):  # noqa: ANN001 - a 0-dim bool tensor
+        """AND a per-rank finite flag across ranks, so that every rank skips the same steps."""
+        return flag
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

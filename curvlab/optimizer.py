@@ -1,0 +1,413 @@
+"""CurvatureOptimizer: assembles the plugin pipeline into a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab import registry
+from curvlab.capture import statistics_dtype
+from curvlab.interfaces import (
+    Backend,
+    DampingPolicy,
+    FactorEstimator,
+    LayerAdapter,
+    Normalizer,
+    Reducer,
+    UpdateRule,
+)
+from curvlab.layers import FallbackParameter, LayerRecord, pair_parameters
+from curvlab.preconditioner import DiagonalPreconditioner
+from curvlab.validation import check_choice, check_positive_int, check_range
+
+#: adapters of the paper variant, tried in this order
+PAPER_ADAPTERS = ("linear", "conv2d", "batchnorm", "layernorm", "groupnorm", "embedding")
+EMA_SEMANTICS = ("paper", "official")
+
+
+class CurvatureFallbackWarning(UserWarning):
+    """Some trainable parameters get identity curvature (listed in the message)."""
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    r"""A Kronecker-factored curvature optimizer assembled from plugins.
+
+    One ``step()``: the layers' statistics captured since the last step (if this is a
+    curvature step, every ``curvature_interval`` steps) are reduced across ranks and folded
+    into an EMA per layer; each parameter's preconditioner is built from the normalised,
+    damped factors; the update rule applies it. With the paper's parts (``configs/adafisher.gin``)::
+
+        H ← γ H + (1−γ) Ĥ,   S ← γ S + (1−γ) Ŝ
+        F = minmax(S) ⊗ minmax(H) + λ
+        m ← β m + (1−β) g,   θ ← θ − α (m / (1−β^t)) / F
+
+    ``ema="official"`` instead folds ``H ← 0.1γ H + 0.01γ normalizer(Ĥ)`` from ones (SPEC §3).
+
+    Args:
+        model: the module whose layers are hooked; parameters are paired with layers by identity.
+        params: parameters or param-group dicts to optimize (default: the model's trainable ones).
+        lr, beta, weight_decay: per-group defaults (α, β, κ).
+        gamma: factor EMA decay γ ∈ [0, 1); 0 disables the EMA.
+        damping: λ (> 0) or a :class:`DampingPolicy` / its registered name.
+        curvature_interval: statistics are captured and folded in on steps ``t % k == 0``.
+        adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
+        ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
+        damp_fallback: parameters without curvature use ``F = 1 + λ`` (True) or ``F = 1``.
+        allow_no_supported_layer: otherwise a model without any supported layer is an error.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None = None,
+        *,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        gamma: float = 0.8,
+        damping: float | str | DampingPolicy = 1e-3,
+        curvature_interval: int = 1,
+        adapters: Sequence[str | LayerAdapter] = PAPER_ADAPTERS,
+        estimator: str | FactorEstimator = "diagonal",
+        normalizer: str | Normalizer = "minmax",
+        update_rule: str | UpdateRule = "adafisher",
+        reducer: str | Reducer = "none",
+        backend: str | Backend = "native",
+        ema: str = "paper",
+        damp_fallback: bool = True,
+        allow_no_supported_layer: bool = False,
+        warn_on_fallback: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be an nn.Module (curvature needs its layers), got {type(model).__name__}"
+            )
+        check_range("lr", lr, 0.0)
+        check_range("beta", beta, 0.0, 1.0, high_inclusive=False)
+        check_range("weight_decay", weight_decay, 0.0)
+        self.gamma = check_range("gamma", gamma, 0.0, 1.0, high_inclusive=False)
+        self.curvature_interval = check_positive_int("curvature_interval", curvature_interval)
+        self.ema = check_choice("ema", ema, EMA_SEMANTICS)
+
+        registry.load_builtin_plugins()
+        if isinstance(damping, (int, float)) and not isinstance(damping, bool):
+            check_range("damping", damping, 0.0, low_inclusive=False)
+            damping = registry.create("damping", "constant", value=float(damping))
+        self.damping: DampingPolicy = registry.create("damping", damping)
+        if isinstance(adapters, str):
+            adapters = [adapters]
+        self.adapters: list[LayerAdapter] = [registry.create("adapters", a) for a in adapters]
+        self.estimator: FactorEstimator = registry.create("estimators", estimator)
+        self.normalizer: Normalizer = registry.create("normalizers", normalizer)
+        self.update_rule: UpdateRule = registry.create("updates", update_rule)
+        self.reducer: Reducer = registry.create("reducers", reducer)
+        self.backend: Backend = registry.create("backends", backend)
+        self.damp_fallback = bool(damp_fallback)
+        self._allow_no_supported_layer = bool(allow_no_supported_layer)
+        self._warn_on_fallback = bool(warn_on_fallback)
+        self.model = model
+
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay)
+        defaults.update(self.update_rule.hyperparameters)
+        self._ready = False
+        super().__init__(params, defaults)
+
+        self._step = 0
+        self._capture_active = True
+        self.curvature_state: dict[str, dict[str, Tensor]] = {}
+        self._skipped: Tensor | None = None
+        self._warned_uncaptured = False
+        self._ready = True
+        self._pair_layers()
+
+    # -- assembly ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "beta", "weight_decay"):
+            if key in param_group:
+                bounds = {"lr": (0.0, None), "beta": (0.0, 1.0), "weight_decay": (0.0, None)}[key]
+                check_range(
+                    f"param_group[{key!r}]", param_group[key], *bounds, high_inclusive=key != "beta"
+                )
+        super().add_param_group(param_group)
+        if getattr(self, "_ready", False):
+            self._pair_layers()
+
+    def _trainable(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _pair_layers(self) -> None:
+        self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
+        self._layer_by_name = {r.name: r for r in self.layers}
+        if not self.layers and not self._allow_no_supported_layer:
+            supported = ", ".join(
+                t.__name__ for a in self.adapters for t in a.module_types
+            )
+            raise ValueError(
+                f"the model has no layer that the adapters {[type(a).__name__ for a in self.adapters]} "
+                f"support (supported module types: {supported}); pass "
+                f"allow_no_supported_layer=True to train every parameter with identity curvature"
+            )
+        self.backend.attach(self.layers, self.estimator, self._is_capturing)
+        if self._fallback and self._warn_on_fallback:
+            listing = "\n  ".join(map(str, self._fallback))
+            warnings.warn(
+                f"{len(self._fallback)} trainable parameter(s) get identity curvature "
+                f"(F = {'1 + λ' if self.damp_fallback else '1'}):\n  {listing}",
+                CurvatureFallbackWarning,
+                stacklevel=3,
+            )
+
+    def _is_capturing(self) -> bool:
+        return self._capture_active
+
+    # -- introspection ----------------------------------------------------------------------------
+    def fallback_parameters(self) -> list[FallbackParameter]:
+        """Trainable parameters that get identity curvature, each with the reason."""
+        out = list(self._fallback)
+        if self._step > 0:
+            for record in self.layers:
+                if not record.captured:
+                    for role, p in record.params.items():
+                        out.append(
+                            FallbackParameter(
+                                f"{record.name}.{role}",
+                                tuple(p.shape),
+                                "its layer never ran a captured forward/backward (e.g. its weight "
+                                "is used functionally, as nn.MultiheadAttention does with out_proj)",
+                            )
+                        )
+        return out
+
+    def preconditioner(self, param: Tensor) -> Tensor:
+        """The current diagonal preconditioner ``F`` of ``param`` (damping included)."""
+        if not any(param is p for p in self._trainable()):
+            raise ValueError("preconditioner(): the tensor is not a parameter of this optimizer")
+        return self._make_preconditioner().dense_diagonal(param).clone()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters: optimizer steps taken and steps skipped on a non-finite value."""
+        skipped = 0 if self._skipped is None else int(self._skipped.item())
+        return {"steps": self._step, "skipped_steps": skipped}
+
+    @property
+    def is_curvature_step(self) -> bool:
+        """Whether the forward/backward passes before the next ``step()`` are captured."""
+        return self._capture_active
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _fallback_value(self, damping: float) -> float:
+        return 1.0 + damping if self.damp_fallback else 1.0
+
+    def _factors(self, record: LayerRecord) -> tuple[Tensor, Tensor] | None:
+        state = self.curvature_state.get(record.name)
+        if state is None:
+            return None
+        H, S = state["H"], state["S"]
+        if self.ema == "official":
+            return H, S  # normalised before the EMA
+        H = self.normalizer(H, self.estimator.structure)
+        S = self.normalizer(S, self.estimator.structure)
+        # until the first accepted update the layer has identity curvature (H' = S' = 1)
+        updated = state["updated"]
+        return torch.where(updated, H, 1.0), torch.where(updated, S, 1.0)
+
+    def _make_preconditioner(self) -> DiagonalPreconditioner:
+        damping = self.damping.value(self._step)
+        return DiagonalPreconditioner(
+            self.layers, self._factors, damping, self._fallback_value(damping)
+        )
+
+    def _gather_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        records = [r for r in self.layers if r.has_statistics]
+        if not records:
+            return {}
+        totals, counts = [], []
+        for record in records:
+            for stat in record.take():
+                totals.append(stat.total)
+                counts.append(stat.count)
+        totals, counts = self.reducer.reduce(totals, counts)
+        return {
+            r.name: (totals[2 * i] / counts[2 * i], totals[2 * i + 1] / counts[2 * i + 1])
+            for i, r in enumerate(records)
+        }
+
+    def _all_finite(self, tensors: list[Tensor], device: torch.device) -> Tensor:
+        if not tensors:
+            flag = torch.ones((), dtype=torch.bool, device=device)
+        else:
+            norms = torch._foreach_norm(tensors, float("inf"))
+            flag = torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
+        return self.reducer.all_finite(flag)
+
+    def _update_factors(self, stats: dict[str, tuple[Tensor, Tensor]], ok: Tensor) -> None:
+        g = self.gamma
+        for name, (H_hat, S_hat) in stats.items():
+            state = self.curvature_state.get(name)
+            if state is None:
+                init = torch.zeros_like if self.ema == "paper" else torch.ones_like
+                state = {
+                    "H": init(H_hat),
+                    "S": init(S_hat),
+                    "updated": torch.zeros((), dtype=torch.bool, device=H_hat.device),
+                }
+                self.curvature_state[name] = state
+            if self.ema == "paper":
+                new_H = g * state["H"] + (1.0 - g) * H_hat
+                new_S = g * state["S"] + (1.0 - g) * S_hat
+            else:
+                structure = self.estimator.structure
+                new_H = (0.1 * g) * state["H"] + (0.01 * g) * self.normalizer(H_hat, structure)
+                new_S = (0.1 * g) * state["S"] + (0.01 * g) * self.normalizer(S_hat, structure)
+            state["H"] = torch.where(ok, new_H, state["H"])
+            state["S"] = torch.where(ok, new_S, state["S"])
+            state["updated"] = state["updated"] | ok
+
+    def _warn_uncaptured_once(self) -> None:
+        if self._warned_uncaptured or not self._warn_on_fallback:
+            return
+        self._warned_uncaptured = True
+        missing = [r.name for r in self.layers if not r.captured]
+        if missing:
+            warnings.warn(
+                f"layers with supported types but no captured statistics in the first curvature "
+                f"step get identity curvature until they are captured: {', '.join(missing)} "
+                f"(see fallback_parameters())",
+                CurvatureFallbackWarning,
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
+        """One optimizer step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        all_grads = []
+        for group in self.param_groups:
+            params, grads, states = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "curvlab optimizers do not support sparse gradients "
+                        "(use nn.Embedding(sparse=False))"
+                    )
+                state = self.state[p]
+                if not state:
+                    state.update(self.update_rule.init_state(p))
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
+            if params:
+                work.append((group, params, grads, states))
+                all_grads.extend(grads)
+        device = self._device()
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+        stats = self._gather_statistics() if self._capture_active else {}
+        if self._capture_active and self._step == 0:
+            self._warn_uncaptured_once()
+        ok = self._all_finite(all_grads + [t for pair in stats.values() for t in pair], device)
+        if stats:
+            self._update_factors(stats, ok)
+
+        precond = self._make_preconditioner()
+        for group, params, grads, states in work:
+            self.update_rule.update(group, params, grads, states, precond, ok)
+
+        self._skipped += (~ok).to(torch.int64)
+        self._step += 1
+        self._capture_active = self._step % self.curvature_interval == 0
+        for record in self.layers:  # statistics of non-curvature steps are never kept
+            record.clear()
+        return loss
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["curvature"] = {
+            "step": self._step,
+            "skipped_steps": self._skipped,
+            "layers": {name: dict(state) for name, state in self.curvature_state.items()},
+            "layer_names": [r.name for r in self.layers],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature", None)
+        if curvature is None:
+            raise ValueError(
+                "load_state_dict: this is not a curvlab optimizer state (no 'curvature' entry)"
+            )
+        expected = [r.name for r in self.layers]
+        if list(curvature.get("layer_names", [])) != expected:
+            raise ValueError(
+                "load_state_dict: the state was saved for different layers.\n"
+                f"  saved:    {curvature.get('layer_names')}\n  this model: {expected}"
+            )
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key, value in state.items():
+                if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"load_state_dict: state {key!r} has shape {tuple(value.shape)} but its "
+                        f"parameter has shape {tuple(p.shape)}"
+                    )
+        device = self._device()
+        self.curvature_state = {}
+        for name, state in curvature["layers"].items():
+            record = self._layer_by_name[name]
+            dtype = statistics_dtype(record.module)
+            self.curvature_state[name] = {
+                k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).clone()
+                for k, v in state.items()
+            }
+            record.captured = True
+        self._step = int(curvature["step"])
+        skipped = curvature.get("skipped_steps")
+        self._skipped = None if skipped is None else skipped.to(device).clone()
+        self._capture_active = self._step % self.curvature_interval == 0
+        self._warned_uncaptured = self._step > 0
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{k}={v!r}"
+            for k, v in dict(
+                adapters=[type(a).__name__ for a in self.adapters],
+                estimator=self.estimator,
+                normalizer=self.normalizer,
+                damping=self.damping,
+                update_rule=self.update_rule,
+                reducer=self.reducer,
+                backend=self.backend,
+                ema=self.ema,
+                gamma=self.gamma,
+                curvature_interval=self.curvature_interval,
+            ).items()
+        )
+        return f"{type(self).__name__}({parts})"

@@ -1,0 +1,1 @@
+"""Runners and studies: training loop, models, data (importable as ``curvlab.experiments``)."""

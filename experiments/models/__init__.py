@@ -1,0 +1,5 @@
+"""Models written here (no torchvision)."""
+
+from curvlab.experiments.models.small import MLP, DigitsCNN, digits_cnn, mlp
+
+__all__ = ["MLP", "DigitsCNN", "digits_cnn", "mlp"]

@@ -1,0 +1,31 @@
+"""nn.Embedding as a linear layer on one-hot inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
+from curvlab.registry import register
+
+
+@register("adapters", "embedding")
+class EmbeddingAdapter(LayerAdapter):
+    r"""``z = W[i]`` = ``Wᵀ onehot(i)``: ā = onehot(i) (no bias), g = ∂L/∂z, rows = tokens.
+
+    ``H[v] = (#tokens equal to v) / R`` (onehot² = onehot), ``S[d] = Σ g_d² / R``;
+    the weight is (V, D) = (in, out), so ``F_W[v, d] = H[v] S[d]``.
+    """
+
+    module_types = (nn.Embedding,)
+
+    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+        counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(dtype)
+        return Statistic(counts, x.numel())
+
+    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+        rows = grad_output.numel() // grad_output.shape[-1]
+        return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
+
+    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
+        return {"weight": H[:, None] * S[None, :]}

@@ -1,0 +1,104 @@
+"""Normalisation layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm), paper Prop. 3.3.1.
+
+``y_c = γ_c x̂_c + β_c``: each feature c is a one-input "linear layer" with ā = [x̂_c, 1] and
+g = s_c = ∂L/∂y_c, so per feature ``H_c = mean x̂_c²``, ``S_c = mean s_c²`` over the rows that
+share the feature (the normalisation set), and ``F_γ = H'·S'``, ``F_β = S'`` (the bias' H is 1).
+x̂ is recomputed from the layer input with the layer's own statistics (no affine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
+from curvlab.registry import register
+
+
+class ElementwiseAffineAdapter(LayerAdapter):
+    """Shared part: statistics are per feature; subclasses say what x̂ and the feature dims are."""
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        """The dims that are summed over (everything that is not a feature dim)."""
+        raise NotImplementedError
+
+    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+        dims = self.reduce_dims(module, x)
+        rows = _numel(x, dims)
+        x_hat = self.normalized(module, x.to(dtype))
+        return Statistic(square_sum(x_hat, dims, dtype).reshape(module.weight.shape), rows)
+
+    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+        dims = self.reduce_dims(module, grad_output)
+        total = square_sum(grad_output, dims, dtype).reshape(module.weight.shape)
+        return Statistic(total, _numel(grad_output, dims))
+
+    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
+        out = {"weight": H * S}
+        if "bias" in self.parameters(module):
+            out["bias"] = S
+        return out
+
+
+def _numel(x: Tensor, dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
+@register("adapters", "batchnorm")
+class BatchNormAdapter(ElementwiseAffineAdapter):
+    """BatchNorm1d/2d/3d in training mode: x̂ uses the batch statistics (biased variance), the
+    normalisation set of channel c is (batch, spatial positions)."""
+
+    module_types = (nn.modules.batchnorm._BatchNorm,)
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return super().parameters(module) if module.affine else {}
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.batch_norm(x, None, None, training=True, eps=module.eps)
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        return (0,) + tuple(range(2, x.dim()))
+
+
+@register("adapters", "layernorm")
+class LayerNormAdapter(ElementwiseAffineAdapter):
+    """LayerNorm over ``normalized_shape``: features are the normalised dims, rows all others."""
+
+    module_types = (nn.LayerNorm,)
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        return tuple(range(x.dim() - len(module.normalized_shape)))
+
+
+@register("adapters", "rmsnorm")
+class RMSNormAdapter(LayerNormAdapter):
+    """RMSNorm (weight only): x̂ = x / rms(x) over ``normalized_shape``."""
+
+    module_types = (nn.RMSNorm,)
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+@register("adapters", "groupnorm")
+class GroupNormAdapter(ElementwiseAffineAdapter):
+    """GroupNorm: x̂ normalised per (sample, group); channel c's rows are (batch, spatial)."""
+
+    module_types = (nn.GroupNorm,)
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        return (0,) + tuple(range(2, x.dim()))

@@ -1,0 +1,5 @@
+"""Normalizers: how factors are rescaled before the Kronecker product."""
+
+from curvlab.plugins.normalizers import identity, minmax
+
+__all__ = ["identity", "minmax"]

@@ -1,0 +1,5 @@
+"""Update rules: turn gradients and the preconditioner into parameter updates."""
+
+from curvlab.plugins.updates import adafisher
+
+__all__ = ["adafisher"]
