@@ -1,44 +1,45 @@
-"""``curvlab`` command line: ``curvlab run CONFIG.gin [--bind K=V ...] [--out DIR]``."""
+"""``curvlab`` command line.
+
+``curvlab run CONFIG.gin [--bind K=V ...] [--out DIR] [--quiet]`` trains what the config
+describes; other subcommands live in their own modules and are listed in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="train the model a .gin config describes")
-    p.add_argument("config", help="path to a .gin file (e.g. configs/digits_adafisher.gin)")
-    p.add_argument(
-        "--bind", action="append", default=[], metavar="KEY=VALUE",
-        help="extra gin binding, e.g. --bind optimizer.lr=0.01 (repeatable)",
-    )
-    p.add_argument("--out", default=None, help="directory for metrics.jsonl and operative_config.gin")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, final line only")
-
-
-def _run(args: argparse.Namespace) -> int:
-    from curvlab.config import parse_config
-    from curvlab.experiments.train import train
-
-    parse_config(args.config, args.bind)
-    summary = train(out_dir=args.out, quiet=args.quiet)
-    print(
-        f"final: test_accuracy={summary['test_accuracy']:.4f} test_loss={summary['test_loss']:.4f} "
-        f"train_loss={summary['train_loss']:.4f} time={summary['time_s']:.1f}s"
-        + (f" out={args.out}" if args.out else "")
-    )
-    return 0
+#: subcommand → (module, help). Each module defines ``add_arguments(parser)`` and ``main(args)``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("curvlab.experiments.runner", "train the model a .gin config describes"),
+    "ablate": ("curvlab.experiments.ablate", "run a grid of variants × seeds, write tables and plots"),
+    "bench": ("curvlab.experiments.bench", "time a training step per optimizer, write JSON"),
+    "check-curvature": (
+        "curvlab.experiments.check_curvature",
+        "compare native factors with BackPACK / ASDL per layer",
+    ),
+    "analyze": ("curvlab.experiments.analyses", "paper analyses (diagonal concentration, ...)"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_run(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    available = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # a subcommand whose module is not part of this build
+        available[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    handlers = {"run": _run}
-    return handlers[args.command](args)
+    return int(available[args.command].main(args) or 0)
 
 
 if __name__ == "__main__":

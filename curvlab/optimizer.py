@@ -322,6 +322,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
+        if self._capture_active:
+            self.backend.collect()
         stats = self._gather_statistics() if self._capture_active else {}
         if self._capture_active and self._step == 0:
             self._warn_uncaptured_once()

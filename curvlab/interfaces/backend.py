@@ -27,5 +27,9 @@ class Backend(ABC):
     @abstractmethod
     def detach(self) -> None: ...
 
+    def collect(self) -> None:
+        """Called at the start of a curvature ``step()``, before the records are read: a backend
+        that computes statistics after backward (BackPACK, ASDL) fills the records here."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,0 +1,38 @@
+"""``curvlab run CONFIG.gin``: parse the config and call its task (``run.task``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import gin
+
+from curvlab.experiments.train import train
+
+
+@gin.configurable(module="run")
+def task(fn: Callable[..., dict] = train) -> Callable[..., dict]:
+    """The training function a config runs (``run.task.fn = @train_lm`` for language models)."""
+    return fn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="path to a .gin file (e.g. configs/digits_adafisher.gin)")
+    p.add_argument(
+        "--bind", action="append", default=[], metavar="KEY=VALUE",
+        help="extra gin binding, e.g. --bind optimizer.lr=0.01 (repeatable)",
+    )
+    p.add_argument("--out", default=None, help="directory for metrics.jsonl, summary.json, operative_config.gin")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, final line only")
+
+
+def main(args: argparse.Namespace) -> int:
+    from curvlab.config import parse_config
+
+    parse_config(args.config, args.bind)
+    summary = task()(out_dir=args.out, quiet=args.quiet)
+    shown = " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+    )
+    print(f"final: {shown}" + (f" out={args.out}" if args.out else ""))
+    return 0
