@@ -22,6 +22,8 @@ class LayerRecord:
     module: nn.Module
     adapter: LayerAdapter
     params: dict[str, nn.Parameter]
+    #: "diagonal", "banded" or "full": the estimator's structure for this layer
+    structure: str = "diagonal"
     #: True once any statistic was captured for this layer
     captured: bool = False
     input_total: Tensor | None = field(default=None, repr=False)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from curvlab import registry
 from curvlab.capture import statistics_dtype
+from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.interfaces import (
     Backend,
     DampingPolicy,
@@ -21,7 +23,8 @@ from curvlab.interfaces import (
     UpdateRule,
 )
 from curvlab.layers import FallbackParameter, LayerRecord, pair_parameters
-from curvlab.preconditioner import DiagonalPreconditioner
+from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors
+from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
 #: adapters of the paper variant, tried in this order
@@ -54,8 +57,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gamma: factor EMA decay γ ∈ [0, 1); 0 disables the EMA.
         damping: λ (> 0) or a :class:`DampingPolicy` / its registered name.
         curvature_interval: statistics are captured and folded in on steps ``t % k == 0``.
+        inverse_interval: eigendecompositions of banded/full factors are refreshed every k steps.
         adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
         ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
+        ema_bias_correction: divide the EMA by ``1 − γ^t`` (Adam's second-moment correction).
         damp_fallback: parameters without curvature use ``F = 1 + λ`` (True) or ``F = 1``.
         allow_no_supported_layer: otherwise a model without any supported layer is an error.
     """
@@ -71,6 +76,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gamma: float = 0.8,
         damping: float | str | DampingPolicy = 1e-3,
         curvature_interval: int = 1,
+        inverse_interval: int = 1,
         adapters: Sequence[str | LayerAdapter] = PAPER_ADAPTERS,
         estimator: str | FactorEstimator = "diagonal",
         normalizer: str | Normalizer = "minmax",
@@ -78,6 +84,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         reducer: str | Reducer = "none",
         backend: str | Backend = "native",
         ema: str = "paper",
+        ema_bias_correction: bool = False,
         damp_fallback: bool = True,
         allow_no_supported_layer: bool = False,
         warn_on_fallback: bool = True,
@@ -91,7 +98,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         check_range("weight_decay", weight_decay, 0.0)
         self.gamma = check_range("gamma", gamma, 0.0, 1.0, high_inclusive=False)
         self.curvature_interval = check_positive_int("curvature_interval", curvature_interval)
+        self.inverse_interval = check_positive_int("inverse_interval", inverse_interval)
         self.ema = check_choice("ema", ema, EMA_SEMANTICS)
+        self.ema_bias_correction = bool(ema_bias_correction)
 
         registry.load_builtin_plugins()
         if isinstance(damping, (int, float)) and not isinstance(damping, bool):
@@ -106,6 +115,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.update_rule: UpdateRule = registry.create("updates", update_rule)
         self.reducer: Reducer = registry.create("reducers", reducer)
         self.backend: Backend = registry.create("backends", backend)
+        check_choice("estimator structure", self.estimator.structure, STRUCTURES)
+        if self.ema_bias_correction and self.estimator.structure != "elementwise":
+            raise ValueError(
+                "ema_bias_correction divides an elementwise EMA by 1 − γ^t; the estimator "
+                f"structure is {self.estimator.structure!r} (use it with 'squared_gradient')"
+            )
+        if self.ema == "official" and self.estimator.structure != "diagonal":
+            raise ValueError(
+                f"ema='official' normalises each estimate before the EMA and is defined for the "
+                f"diagonal estimator only; got estimator structure {self.estimator.structure!r}"
+            )
         self.damp_fallback = bool(damp_fallback)
         self._allow_no_supported_layer = bool(allow_no_supported_layer)
         self._warn_on_fallback = bool(warn_on_fallback)
@@ -120,6 +140,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         self._step = 0
         self._capture_active = True
+        self._capture_paused = False
         self.curvature_state: dict[str, dict[str, Tensor]] = {}
         self._skipped: Tensor | None = None
         self._warned_uncaptured = False
@@ -148,8 +169,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return out
 
     def _pair_layers(self) -> None:
+        self.backend.detach()
+        if self.estimator.structure == "elementwise":  # every parameter has its own curvature
+            self.layers, self._fallback, self._shared = [], [], set()
+            self._layer_by_name = {}
+            return
         self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
         self._layer_by_name = {r.name: r for r in self.layers}
+        uses: dict[int, int] = {}
+        for record in self.layers:
+            record.structure = self.estimator.layer_structure(record.adapter)
+            for p in record.params.values():
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        self._shared = {key for key, n in uses.items() if n > 1}
         if not self.layers and not self._allow_no_supported_layer:
             supported = ", ".join(
                 t.__name__ for a in self.adapters for t in a.module_types
@@ -170,7 +202,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
 
     def _is_capturing(self) -> bool:
-        return self._capture_active
+        return self._capture_active and not self._capture_paused
+
+    @contextlib.contextmanager
+    def pause_capture(self) -> Iterator[None]:
+        """Forwards inside this block add no curvature statistics (e.g. the gradient pass after
+        separate type-2 or MC curvature passes, or a training-mode evaluation with grad)."""
+        previous, self._capture_paused = self._capture_paused, True
+        try:
+            yield
+        finally:
+            self._capture_paused = previous
 
     # -- introspection ----------------------------------------------------------------------------
     def fallback_parameters(self) -> list[FallbackParameter]:
@@ -210,23 +252,64 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fallback_value(self, damping: float) -> float:
         return 1.0 + damping if self.damp_fallback else 1.0
 
-    def _factors(self, record: LayerRecord) -> tuple[Tensor, Tensor] | None:
-        state = self.curvature_state.get(record.name)
-        if state is None:
-            return None
-        H, S = state["H"], state["S"]
-        if self.ema == "official":
-            return H, S  # normalised before the EMA
-        H = self.normalizer(H, self.estimator.structure)
-        S = self.normalizer(S, self.estimator.structure)
-        # until the first accepted update the layer has identity curvature (H' = S' = 1)
-        updated = state["updated"]
-        return torch.where(updated, H, 1.0), torch.where(updated, S, 1.0)
+    def _layer_factors(self) -> dict[str, LayerFactors]:
+        """Normalised factors per layer: entries (diagonal) or eigenpairs (banded/full)."""
+        out = {}
+        for record in self.layers:
+            state = self.curvature_state.get(record.name)
+            if state is None:
+                continue
+            updated = state["updated"]
+            if record.structure == "diagonal":
+                H, S = state["H"], state["S"]
+                if self.ema == "paper":
+                    H, S = self.normalizer(H, "diagonal"), self.normalizer(S, "diagonal")
+                    # identity curvature (H' = S' = 1) until the first accepted update
+                    H, S = torch.where(updated, H, 1.0), torch.where(updated, S, 1.0)
+                out[record.name] = LayerFactors("diagonal", H, S)
+            else:
+                LH = torch.where(updated, self.normalizer(state["LH"], "spectrum"), 1.0)
+                LS = torch.where(updated, self.normalizer(state["LS"], "spectrum"), 1.0)
+                out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
+        return out
 
-    def _make_preconditioner(self) -> DiagonalPreconditioner:
+    def _refresh_eigenbases(self, only_missing: bool = False) -> None:
+        """Eigendecompositions of the banded/full EMA factors (every ``inverse_interval``, and
+        for a layer whose first factors arrived in between)."""
+        for record in self.layers:
+            state = self.curvature_state.get(record.name)
+            if record.structure == "diagonal" or state is None:
+                continue
+            if only_missing and "LH" in state:
+                continue
+            for key in ("H", "S"):
+                dense = dense_factor(record.structure, state[key])
+                values, vectors = torch.linalg.eigh(dense)
+                state["L" + key], state["Q" + key] = values, vectors
+
+    def _elementwise_curvature(self) -> dict[int, Tensor]:
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "curvature" in state:
+                    F = state["curvature"]
+                    if self.ema_bias_correction:
+                        t = state["curvature_steps"].clamp_min(1).to(F.dtype)
+                        F = F / (1.0 - self.gamma**t)
+                    out[id(p)] = F
+        return out
+
+    def _make_preconditioner(self) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
-        return DiagonalPreconditioner(
-            self.layers, self._factors, damping, self._fallback_value(damping)
+        return CurvaturePreconditioner(
+            self.layers,
+            self._layer_factors(),
+            self._elementwise_curvature(),
+            damping,
+            self.damping.mode,
+            self._fallback_value(damping),
+            self._shared,
         )
 
     def _gather_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -274,6 +357,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             state["H"] = torch.where(ok, new_H, state["H"])
             state["S"] = torch.where(ok, new_S, state["S"])
             state["updated"] = state["updated"] | ok
+
+    def _update_elementwise(self, work: list, ok: Tensor) -> None:
+        """EMA of an elementwise estimator's statistic, per parameter (Adam's v)."""
+        g = self.gamma
+        okf = ok.to(torch.float32)
+        for group, params, grads, states in work:
+            for p, grad, state in zip(params, grads, states):
+                stat = self.estimator.gradient_statistic(p, torch.where(ok, grad, 0.0), group)
+                if "curvature" not in state:
+                    state["curvature"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["curvature_steps"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                F = state["curvature"]
+                F.copy_(torch.where(ok, g * F + (1.0 - g) * stat, F))
+                state["curvature_steps"].add_(okf)
 
     def _warn_uncaptured_once(self) -> None:
         if self._warned_uncaptured or not self._warn_on_fallback:
@@ -330,10 +427,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ok = self._all_finite(all_grads + [t for pair in stats.values() for t in pair], device)
         if stats:
             self._update_factors(stats, ok)
+        if self.estimator.structure == "elementwise" and self._capture_active:
+            self._update_elementwise(work, ok)
+        self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
 
-        precond = self._make_preconditioner()
-        for group, params, grads, states in work:
-            self.update_rule.update(group, params, grads, states, precond, ok)
+        self.update_rule.update(work, self._make_preconditioner(), ok)
 
         self._skipped += (~ok).to(torch.int64)
         self._step += 1

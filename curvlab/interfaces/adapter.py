@@ -86,19 +86,61 @@ class LayerAdapter(ABC):
         return out
 
     # -- rows for the full / banded estimators --------------------------------------------------
+    @property
+    def supports_rows(self) -> bool:
+        """Whether this adapter gives ā / g rows (needed by the full and banded estimators)."""
+        return type(self).input_rows is not LayerAdapter.input_rows
+
+    def groups(self, module: nn.Module) -> int:
+        """Independent weight blocks (convolution groups): each gets its own factor pair."""
+        return int(getattr(module, "groups", 1))
+
+    def batch_size(self, module: nn.Module, grad_output: Tensor) -> int:
+        """Samples in one call (the leading dim), for per-sample gradient scaling."""
+        return grad_output.shape[0] if grad_output.dim() > 1 else 1
+
     def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
-        """ā rows, shape (rows, in[+1]) (or (groups, rows, in_g[+1])); for full/banded estimators."""
+        """ā rows as (groups, rows, in_g[+1]); for the full and banded estimators."""
         raise NotImplementedError(
             f"{type(self).__name__} provides diagonal statistics only; "
             f"the full and banded estimators need input_rows()"
         )
 
     def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
-        """g rows, shape (rows, out); for the full and banded estimators."""
+        """g rows as (rows, out); for the full and banded estimators."""
         raise NotImplementedError(
             f"{type(self).__name__} provides diagonal statistics only; "
             f"the full and banded estimators need output_rows()"
         )
+
+    def to_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
+        """Parameter-shaped tensors (weight [, bias]) → the (groups, out_g, in_g[+1]) matrix view
+        on which ``G ⊗ A`` acts (bias as the last column; a missing role is zeros)."""
+        params = self.parameters(module)
+        weight = tensors.get("weight")
+        if weight is None:
+            weight = torch.zeros_like(params["weight"])
+        out = weight.shape[0]
+        matrix = weight.reshape(out, -1)
+        if "bias" in params:
+            bias = tensors.get("bias")
+            if bias is None:
+                bias = matrix.new_zeros(out)
+            matrix = torch.cat([matrix, bias.reshape(out, 1).to(matrix.dtype)], dim=1)
+        g = self.groups(module)
+        return matrix.reshape(g, out // g, -1)
+
+    def from_matrix(self, module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
+        """Inverse of :meth:`to_matrix`."""
+        params = self.parameters(module)
+        weight = params["weight"]
+        out = weight.shape[0]
+        matrix = matrix.reshape(out, -1)
+        n_weight = weight[0].numel()
+        result = {"weight": matrix[:, :n_weight].reshape(weight.shape)}
+        if "bias" in params:
+            result["bias"] = matrix[:, n_weight]
+        return result
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,4 +1,4 @@
-"""Normalizer: maps a factor to a normalised factor (min-max for AdaFisher, identity for K-FAC)."""
+"""Normalizer: rescales a factor before the Kronecker product (min-max, identity, trace)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from torch import Tensor
 
 
 class Normalizer(ABC):
-    """``factor ↦ normalised factor`` for one structure ("diagonal", "banded", "full")."""
+    """An affine map of a factor, ``M' = a (M − b I)``, given by its action on ``values``:
+
+    * ``structure="diagonal"``: ``values`` are the entries of a diagonal factor;
+    * ``structure="spectrum"``: ``values`` are the eigenvalues of a banded/full factor (an
+      affine map in ``I`` keeps the eigenvectors, so normalising the spectrum is exact).
+
+    For a diagonal matrix both agree, which is why ``banded(0)`` equals ``diagonal``.
+    """
 
     @abstractmethod
-    def __call__(self, factor: Tensor, structure: str = "diagonal") -> Tensor: ...
+    def __call__(self, values: Tensor, structure: str = "diagonal") -> Tensor: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

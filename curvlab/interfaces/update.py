@@ -20,8 +20,15 @@ class Preconditioner(ABC):
         """The diagonal of ``F`` for ``param`` (damping included), shaped like the parameter."""
 
 
+#: one param group's share of a step: (group dict, params with grads, their grads, their states)
+GroupWork = tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Tensor]]]
+
+
 class UpdateRule(ABC):
-    """One step of a param group: ``update(group, params, grads, states, precond, ok)``.
+    """One step of all param groups: ``update(work, precond, ok)``.
+
+    All groups come in one call so that a layer whose weight and bias sit in different groups
+    is still preconditioned jointly (one ``precond.solve`` over every parameter).
 
     ``ok`` is a 0-dim bool tensor (on the parameters' device): when False the step must leave
     parameters and state unchanged; rules blend with it instead of branching in Python.
@@ -34,15 +41,7 @@ class UpdateRule(ABC):
     def init_state(self, param: Tensor) -> dict[str, Tensor]: ...
 
     @abstractmethod
-    def update(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        precond: Preconditioner,
-        ok: Tensor,
-    ) -> None: ...
+    def update(self, work: list[GroupWork], precond: Preconditioner, ok: Tensor) -> None: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -81,6 +81,9 @@ class Conv2dAdapter(LayerAdapter):
             rows = torch.cat([rows, rows.new_ones(module.groups, n * L, 1)], dim=2)
         return rows
 
+    def batch_size(self, module: nn.Module, grad_output: Tensor) -> int:
+        return grad_output.shape[0] if grad_output.dim() == 4 else 1
+
     def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         g = batched(grad_output)
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])

@@ -34,7 +34,7 @@ class LinearAdapter(LayerAdapter):
         rows = x.reshape(-1, x.shape[-1])
         if module.bias is not None:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+        return rows[None]
 
     def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         return grad_output.reshape(-1, grad_output.shape[-1])

@@ -1,5 +1,5 @@
 """Damping policies: the Tikhonov term λ."""
 
-from curvlab.plugins.damping import constant
+from curvlab.plugins.damping import constant, schedule
 
-__all__ = ["constant"]
+__all__ = ["constant", "schedule"]

@@ -1,5 +1,5 @@
 """Factor estimators: the structure of the raw factors."""
 
-from curvlab.plugins.estimators import diagonal
+from curvlab.plugins.estimators import banded, diagonal, full, squared_gradient
 
-__all__ = ["diagonal"]
+__all__ = ["banded", "diagonal", "full", "squared_gradient"]

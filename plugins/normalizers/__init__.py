@@ -1,5 +1,5 @@
 """Normalizers: how factors are rescaled before the Kronecker product."""
 
-from curvlab.plugins.normalizers import identity, minmax
+from curvlab.plugins.normalizers import identity, minmax, trace
 
-__all__ = ["identity", "minmax"]
+__all__ = ["identity", "minmax", "trace"]

@@ -13,10 +13,12 @@ from curvlab.registry import register
 
 @register("normalizers", "minmax")
 class MinMaxNormalizer(Normalizer):
-    r"""``minmax(x) = (x − min x) / (max x − min x + ε)`` over the whole factor (bias entry
-    included), ε = 1e-6 (SPEC §3). The result lies in [0, 1).
+    r"""``M' = (M − m_min I) / (m_max − m_min + ε)``, ε = 1e-6 (SPEC §3; the thesis's proof).
 
-    ``map_infinities=True`` first maps +inf to 1 and −inf to 0, as the official code does.
+    For a diagonal factor m_min / m_max are its smallest / largest entries (bias entry
+    included); for a banded or full factor they are its extreme eigenvalues, so that M' has
+    spectrum in [0, 1) like the diagonal case. ``map_infinities=True`` first maps +inf to 1 and
+    −inf to 0, as the official code does.
     """
 
     def __init__(self, eps: float = 1e-6, map_infinities: bool = False) -> None:
@@ -25,12 +27,8 @@ class MinMaxNormalizer(Normalizer):
         self.eps = float(eps)
         self.map_infinities = bool(map_infinities)
 
-    def __call__(self, factor: Tensor, structure: str = "diagonal") -> Tensor:
-        if structure != "diagonal":
-            raise NotImplementedError(
-                f"MinMaxNormalizer handles the 'diagonal' structure here, got {structure!r}"
-            )
-        x = factor
+    def __call__(self, values: Tensor, structure: str = "diagonal") -> Tensor:
+        x = values
         if self.map_infinities:
             x = torch.where(x == math.inf, 1.0, x)
             x = torch.where(x == -math.inf, 0.0, x)

@@ -7,22 +7,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.interfaces.update import Preconditioner, UpdateRule
+from curvlab.interfaces.update import GroupWork, Preconditioner, UpdateRule
 from curvlab.registry import register
 from curvlab.validation import check_range
 
 
+def masked_grads(
+    grads: list[Tensor], params: list[Tensor], weight_decay: float, ok: Tensor
+) -> list[Tensor]:
+    """``g + κθ`` (κ = 0: just g), or zeros on a skipped step, so that neither NaNs nor the
+    decay term reach the state when the step is skipped."""
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return [torch.where(ok, g, 0.0) for g in grads]
+
+
 @register("updates", "adafisher")
 class AdaFisherUpdate(UpdateRule):
-    r"""Bias-corrected momentum preconditioned by the Fisher diagonal, no square root::
+    r"""Bias-corrected momentum preconditioned by the Fisher, no square root::
 
         g ← g + κ θ                      (coupled L2, unless decoupled)
         m ← β m + (1−β) g,   m̂ = m / (1 − β^t)
         θ ← θ − α (F^{-p} m̂ [+ κ θ if decoupled])
 
-    ``p = power`` is 1 for AdaFisher and 0.5 for the square-root ablation. ``t`` counts the
-    parameter's accepted steps. A skipped step (``ok`` False) changes nothing.
-    Param-group keys: ``lr`` (α), ``beta`` (β), ``weight_decay`` (κ).
+    ``p = power`` is 1 for AdaFisher and 0.5 for the square-root ablation (and Adam, with an
+    elementwise squared-gradient curvature). ``t`` counts the parameter's accepted steps. A
+    skipped step (``ok`` False) changes nothing. Param-group keys: ``lr`` (α), ``beta`` (β),
+    ``weight_decay`` (κ).
     """
 
     hyperparameters: dict[str, Any] = {}
@@ -37,38 +48,37 @@ class AdaFisherUpdate(UpdateRule):
             "step": torch.zeros((), dtype=torch.float32, device=param.device),
         }
 
-    def update(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        precond: Preconditioner,
-        ok: Tensor,
-    ) -> None:
-        lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
+    def update(self, work: list[GroupWork], precond: Preconditioner, ok: Tensor) -> None:
         okf = ok.to(torch.float32)
-        # a skipped step sees zero gradients and keeps β=1: m, t and θ stay as they are
-        grads = [torch.where(ok, g, 0.0) for g in grads]
-        if wd != 0 and not self.decoupled_weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=wd)
-        exp_avgs = [s["exp_avg"] for s in states]
-        steps = [s["step"] for s in states]
-        dtype = exp_avgs[0].dtype
-        beta_t = torch.full((), beta, dtype=dtype, device=ok.device)
-        torch._foreach_mul_(exp_avgs, torch.where(ok, beta_t, 1.0))
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
-        torch._foreach_add_(steps, okf)
-        # 1 − β^t in the parameters' precision (t ≥ 1: a skipped first step cannot divide by 0)
-        exponents = [s.to(dtype) for s in torch._foreach_maximum(steps, 1.0)]
-        corrections = torch._foreach_pow(beta, exponents)
-        torch._foreach_neg_(corrections)
-        torch._foreach_add_(corrections, 1.0)
-        directions = precond.solve(params, torch._foreach_div(exp_avgs, corrections), self.power)
-        if wd != 0 and self.decoupled_weight_decay:
-            torch._foreach_add_(directions, params, alpha=wd)
-        torch._foreach_mul_(directions, okf)
-        torch._foreach_add_(params, directions, alpha=-lr)
+        all_params, all_mhat = [], []
+        for group, params, grads, states in work:
+            beta, wd = group["beta"], group["weight_decay"]
+            grads = masked_grads(grads, params, 0.0 if self.decoupled_weight_decay else wd, ok)
+            exp_avgs = [s["exp_avg"] for s in states]
+            steps = [s["step"] for s in states]
+            dtype = exp_avgs[0].dtype
+            beta_t = torch.full((), beta, dtype=dtype, device=ok.device)
+            # a skipped step keeps β = 1 and adds zero: m and t stay as they are
+            torch._foreach_mul_(exp_avgs, torch.where(ok, beta_t, 1.0))
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
+            torch._foreach_add_(steps, okf)
+            # 1 − β^t in the parameters' precision (t ≥ 1: a skipped first step cannot divide by 0)
+            exponents = [s.to(dtype) for s in torch._foreach_maximum(steps, 1.0)]
+            corrections = torch._foreach_pow(beta, exponents)
+            torch._foreach_neg_(corrections)
+            torch._foreach_add_(corrections, 1.0)
+            all_params += params
+            all_mhat += torch._foreach_div(exp_avgs, corrections)
+        directions = precond.solve(all_params, all_mhat, self.power)
+        start = 0
+        for group, params, _, _ in work:
+            lr, wd = group["lr"], group["weight_decay"]
+            step_dirs = directions[start : start + len(params)]
+            start += len(params)
+            if wd != 0 and self.decoupled_weight_decay:
+                torch._foreach_add_(step_dirs, params, alpha=wd)
+            torch._foreach_mul_(step_dirs, okf)
+            torch._foreach_add_(params, step_dirs, alpha=-lr)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,74 @@
+"""Full Kronecker factors (K-FAC): A = E[ā āᵀ], G = E[g gᵀ]."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.interfaces.estimator import FactorEstimator
+from curvlab.registry import register
+
+
+def grouped_output_rows(adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """g rows as (groups, rows, out_g) in ``dtype``."""
+    rows = adapter.output_rows(module, grad_output).to(dtype)
+    groups = adapter.groups(module)
+    return rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
+
+
+class KroneckerRowsEstimator(FactorEstimator):
+    r"""Shared part of the estimators built from rows (full, banded).
+
+    ``per_sample=True`` multiplies each call's output gradient by its batch size N, so that for
+    a loss that is a mean over the batch ``g`` is the per-sample gradient and
+    ``G = (1/R) Σ_rows (N g)(N g)ᵀ`` is the usual K-FAC factor (kfac-pytorch's
+    ``batch_averaged``; curvlinops' convention for a mean-reduced loss). ``False`` keeps the
+    gradient as backpropagated. Layers whose adapter has no rows (normalisation layers,
+    embeddings) get diagonal factors with the same scaling.
+    """
+
+    def __init__(self, per_sample: bool = True) -> None:
+        self.per_sample = bool(per_sample)
+
+    def layer_structure(self, adapter: LayerAdapter) -> str:
+        return self.structure if adapter.supports_rows else "diagonal"
+
+    def _scale(self, adapter: LayerAdapter, module: nn.Module, grad_output: Tensor) -> float:
+        return float(adapter.batch_size(module, grad_output)) if self.per_sample else 1.0
+
+    def input_statistic(
+        self, adapter: LayerAdapter, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        if not adapter.supports_rows:
+            return adapter.input_diagonal(module, x, output, dtype)
+        rows = adapter.input_rows(module, x).to(dtype)
+        return Statistic(self.second_moment(rows), rows.shape[1])
+
+    def output_statistic(
+        self, adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        scale = self._scale(adapter, module, grad_output)
+        if not adapter.supports_rows:
+            stat = adapter.output_diagonal(module, grad_output, dtype)
+            return Statistic(stat.total * scale**2, stat.count)
+        rows = grouped_output_rows(adapter, module, grad_output, dtype)
+        if scale != 1.0:
+            rows = rows * scale
+        return Statistic(self.second_moment(rows), rows.shape[1])
+
+    def second_moment(self, rows: Tensor) -> Tensor:
+        """Σ over rows of the structure's part of r rᵀ, rows of shape (groups, R, d)."""
+        raise NotImplementedError
+
+
+@register("estimators", "full")
+class FullEstimator(KroneckerRowsEstimator):
+    r"""K-FAC factors ``A = (1/R) Σ ā āᵀ`` (ā with a trailing 1 for the bias: weight and bias
+    share one Kronecker block, as in curvlinops' ``separate_weight_and_bias=False``) and
+    ``G = (1/R) Σ g gᵀ``, per convolution group; R = rows = batch × positions ("expand")."""
+
+    structure = "full"
+
+    def second_moment(self, rows: Tensor) -> Tensor:
+        return rows.transpose(1, 2) @ rows
