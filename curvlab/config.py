@@ -68,9 +68,16 @@ def _quiet_include_probing() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def parse_config(config: str | os.PathLike | None, bindings: Sequence[str] = ()) -> Path | None:
-    """Clear gin, then parse ``config`` and ``bindings`` (left unlocked so tests can re-parse)."""
+def parse_config(
+    config: str | os.PathLike | None,
+    bindings: Sequence[str] = (),
+    plugins: Sequence[str | os.PathLike] = (),
+) -> Path | None:
+    """Clear gin, load plugin files, then parse ``config`` and ``bindings`` (left unlocked so
+    tests can re-parse)."""
     registry.load_builtin_plugins()
+    for plugin in plugins:
+        registry.load_plugin_file(plugin)
     gin.clear_config()
     if CONFIG_ROOT.is_dir():
         add_search_path(CONFIG_ROOT)
@@ -88,7 +95,8 @@ def parse_config(config: str | os.PathLike | None, bindings: Sequence[str] = ())
 def make_optimizer(model: nn.Module, params=None) -> CurvatureOptimizer:  # noqa: ANN001
     """Build the optimizer that the current gin configuration describes."""
     registry.load_builtin_plugins()
-    return GinCurvatureOptimizer(model, params)
+    with registry.gin_bindings():
+        return GinCurvatureOptimizer(model, params)
 
 
 def build_optimizer(
@@ -96,10 +104,12 @@ def build_optimizer(
     config: str | os.PathLike | None = None,
     bindings: Sequence[str] = (),
     params=None,  # noqa: ANN001
+    plugins: Sequence[str | os.PathLike] = (),
 ) -> CurvatureOptimizer:
     """Parse ``config`` (+ ``bindings``) and build its optimizer for ``model``.
 
     This resets gin's global configuration first. ``config=None`` uses ``bindings`` alone.
+    ``plugins`` are plugin files to import first (they register themselves).
     """
-    parse_config(config, bindings)
+    parse_config(config, bindings, plugins)
     return make_optimizer(model, params)

@@ -174,8 +174,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.layers, self._fallback, self._shared = [], [], set()
             self._layer_by_name = {}
             return
+        captured = {r.name for r in getattr(self, "layers", []) if r.captured}
         self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
         self._layer_by_name = {r.name: r for r in self.layers}
+        for record in self.layers:  # re-pairing (add_param_group) keeps what was captured
+            record.captured = record.name in captured
         uses: dict[int, int] = {}
         for record in self.layers:
             record.structure = self.estimator.layer_structure(record.adapter)
@@ -454,8 +457,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "skipped_steps": self._skipped,
             "layers": {name: dict(state) for name, state in self.curvature_state.items()},
             "layer_names": [r.name for r in self.layers],
+            "layers_description": self._describe_layers(),
         }
         return sd
+
+    def _describe_layers(self) -> list[tuple]:
+        """What a layer's factors depend on: name, adapter, structure, parameter shapes."""
+        return [
+            (
+                r.name,
+                type(r.adapter).__name__,
+                r.structure,
+                tuple((role, tuple(p.shape)) for role, p in r.params.items()),
+            )
+            for r in self.layers
+        ]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -464,20 +480,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "load_state_dict: this is not a curvlab optimizer state (no 'curvature' entry)"
             )
-        expected = [r.name for r in self.layers]
-        if list(curvature.get("layer_names", [])) != expected:
+        expected = [tuple(d) for d in self._describe_layers()]
+        saved = curvature.get("layers_description")
+        saved = [tuple(d) for d in saved] if saved is not None else None
+        if saved != expected:
+            mismatch = [
+                f"    saved {s!r}\n    here  {e!r}"
+                for s, e in zip(saved or [], expected)
+                if s != e
+            ]
             raise ValueError(
-                "load_state_dict: the state was saved for different layers.\n"
-                f"  saved:    {curvature.get('layer_names')}\n  this model: {expected}"
+                "load_state_dict: the state was saved for different layers "
+                f"({len(saved or [])} saved, {len(expected)} here); first differences in (name, adapter, structure, parameter shapes):\n"
+                + "\n".join(mismatch[:5])
             )
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
+        # check every per-parameter state against its parameter before installing anything
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, state in state_dict.get("state", {}).items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                continue
+            p = params[index]
             for key, value in state.items():
-                if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                if key not in ("step", "curvature_steps") and isinstance(value, Tensor) and value.shape != p.shape:
                     raise ValueError(
-                        f"load_state_dict: state {key!r} has shape {tuple(value.shape)} but its "
-                        f"parameter has shape {tuple(p.shape)}"
+                        f"load_state_dict: state {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}"
                     )
+        super().load_state_dict(state_dict)
         device = self._device()
         self.curvature_state = {}
         for name, state in curvature["layers"].items():

@@ -12,8 +12,13 @@ Unknown names raise a ``KeyError`` that lists the registered ones.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import gin
@@ -24,7 +29,10 @@ T = TypeVar("T")
 KINDS = ("adapters", "estimators", "normalizers", "damping", "updates", "reducers", "backends")
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+#: gin-configurable twins (subclasses made by gin; the registered classes stay untouched)
+_GIN_TWINS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 _BUILTINS_LOADED = False
+_GIN_DEPTH = 0
 
 
 class UnknownPluginError(KeyError):
@@ -49,11 +57,13 @@ def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
                 f"{kind} plugin {name!r} is already registered by "
                 f"{existing.__module__}.{existing.__qualname__}"
             )
-        configurable = gin.configurable(name, module=kind)(cls)
-        configurable.plugin_name = name
-        configurable.plugin_kind = kind
-        _REGISTRY[kind][name] = configurable
-        return configurable
+        cls.plugin_name = name
+        cls.plugin_kind = kind
+        _REGISTRY[kind][name] = cls
+        # external_configurable builds a gin subclass, so Python constructors (and subclasses of
+        # this plugin) never pick up gin bindings by accident
+        _GIN_TWINS[kind][name] = gin.external_configurable(cls, name=name, module=kind)
+        return cls
 
     return decorator
 
@@ -64,6 +74,24 @@ def load_builtin_plugins() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         importlib.import_module("curvlab.plugins")
+
+
+def load_plugin_file(path: str | os.PathLike) -> None:
+    """Import a user's plugin file by path (its ``@register`` decorators run on import).
+
+    Used by ``curvlab run --plugins FILE.py`` and ``build_optimizer(..., plugins=[...])``; a
+    plugin inside an installed package can instead be named in the .gin file with ``import``.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"plugin file {str(path)!r} does not exist")
+    name = "curvlab_user_plugin_" + path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def registered(kind: str) -> list[str]:
@@ -85,14 +113,29 @@ def lookup(kind: str, name: str) -> type:
         ) from None
 
 
+@contextlib.contextmanager
+def gin_bindings() -> Iterator[None]:
+    """Inside this block, plugins created by name take their arguments from gin bindings
+    (``estimators.banded.bandwidth = 4``); outside it (plain Python) they never do."""
+    global _GIN_DEPTH
+    _GIN_DEPTH += 1
+    try:
+        yield
+    finally:
+        _GIN_DEPTH -= 1
+
+
 def create(kind: str, spec: Any, **kwargs: Any) -> Any:
     """Turn ``spec`` into a plugin instance.
 
-    ``spec`` is a registered name (instantiated with ``kwargs`` on top of its gin bindings), an
-    instance (returned as is), or a class (instantiated).
+    ``spec`` is a registered name (instantiated with ``kwargs``, on top of its gin bindings when
+    called inside :func:`gin_bindings`), an instance (returned as is), or a class (instantiated).
     """
     if isinstance(spec, str):
-        return lookup(kind, spec)(**kwargs)
+        cls = lookup(kind, spec)
+        if _GIN_DEPTH:
+            cls = _GIN_TWINS[kind][spec]
+        return cls(**kwargs)
     if isinstance(spec, type):
         return spec(**kwargs)
     return spec

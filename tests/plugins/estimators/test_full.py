@@ -127,12 +127,12 @@ def test_kfac_on_deep_linear_network_equals_exact_block_natural_gradient():
 
     # exact GGN blocks: G_l = (1/N) Σ_n J_nᵀ J_n with J_n = ∂f_n/∂vec(W_l)
     def f_of(i, w):
-        ws = [p.detach() for p in params]
+        ws = list(before)  # the weights the curvature and gradient were taken at
         ws[i] = w
         return nn.functional.linear(nn.functional.linear(x, ws[0]), ws[1])
 
     for i, p in enumerate(params):
-        J = torch.autograd.functional.jacobian(lambda w, i=i: f_of(i, w), p.detach())  # (N, C, out, in)
+        J = torch.autograd.functional.jacobian(lambda w, i=i: f_of(i, w), before[i])  # (N, C, out, in)
         J = J.reshape(N * C, -1)
         ggn = J.T @ J / N
         # curvlab: A = (1/N) Σ a aᵀ, G = (1/(C·N)) Σ_c Σ_n (N g_nc)(N g_nc)ᵀ with
