@@ -1,4 +1,4 @@
-"""``curvlab`` command line.
+"""curvlab command line.
 
 ``curvlab run CONFIG.gin [--bind K=V ...] [--out DIR] [--quiet]`` trains what the config
 describes; other subcommands live in their own modules and are listed in :data:`COMMANDS`.

@@ -144,6 +144,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.curvature_state: dict[str, dict[str, Tensor]] = {}
         self._skipped: Tensor | None = None
         self._warned_uncaptured = False
+        #: True once a curvature step captured any layer (before that, "never captured" means
+        #: nothing ran yet, not that a layer is used functionally)
+        self._seen_capture = False
         self._ready = True
         self._pair_layers()
 
@@ -221,7 +224,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def fallback_parameters(self) -> list[FallbackParameter]:
         """Trainable parameters that get identity curvature, each with the reason."""
         out = list(self._fallback)
-        if self._step > 0:
+        if self._seen_capture:
             for record in self.layers:
                 if not record.captured:
                     for role, p in record.params.items():
@@ -250,6 +253,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def is_curvature_step(self) -> bool:
         """Whether the forward/backward passes before the next ``step()`` are captured."""
         return self._capture_active
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and, with them, the curvature statistics of backward passes whose
+        gradients are being discarded (a forward whose backward comes later still counts)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for record in self.layers:
+            record.clear()
 
     # -- the step ---------------------------------------------------------------------------------
     def _fallback_value(self, damping: float) -> float:
@@ -382,8 +392,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         missing = [r.name for r in self.layers if not r.captured]
         if missing:
             warnings.warn(
-                f"layers with supported types but no captured statistics in the first curvature "
-                f"step get identity curvature until they are captured: {', '.join(missing)} "
+                f"layers with supported types but no statistics in the first curvature step that "
+                f"captured any layer get identity curvature until they are captured: {', '.join(missing)} "
                 f"(see fallback_parameters())",
                 CurvatureFallbackWarning,
                 stacklevel=3,
@@ -425,7 +435,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._capture_active:
             self.backend.collect()
         stats = self._gather_statistics() if self._capture_active else {}
-        if self._capture_active and self._step == 0:
+        if stats and not self._seen_capture:
+            self._seen_capture = True
             self._warn_uncaptured_once()
         ok = self._all_finite(all_grads + [t for pair in stats.values() for t in pair], device)
         if stats:
@@ -521,7 +532,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         skipped = curvature.get("skipped_steps")
         self._skipped = None if skipped is None else skipped.to(device).clone()
         self._capture_active = self._step % self.curvature_interval == 0
-        self._warned_uncaptured = self._step > 0
+        self._seen_capture = self._warned_uncaptured = bool(self.curvature_state)
 
     def __repr__(self) -> str:
         parts = ", ".join(

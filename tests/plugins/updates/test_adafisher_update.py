@@ -170,17 +170,10 @@ def test_square_root_ablation_power_half():
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
-SKIP_BUG = (
-    "core bug: plugins/updates/adafisher.py AdaFisherUpdate.update adds the coupled L2 term κθ "
-    "*after* masking the gradients of a skipped step, so with weight_decay>0 and ok=False the "
-    "momentum still moves by (1−β)κθ (expected: unchanged)"
-)
-
-
 @pytest.mark.parametrize(
     "rule",
     [
-        pytest.param(AdaFisherUpdate(), marks=pytest.mark.xfail(strict=True, reason=SKIP_BUG)),
+        AdaFisherUpdate(),
         AdaFisherWUpdate(),
     ],
     ids=["A", "W"],
@@ -213,9 +206,8 @@ def test_skipped_step_without_weight_decay_changes_nothing(rule):
         assert float(s["step"]) == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=SKIP_BUG)
 def test_skipped_step_with_coupled_weight_decay_end_to_end():
-    """Minimal repro through the optimizer: a NaN gradient is skipped, yet m moves by (1−β)κθ."""
+    """Through the optimizer: a NaN gradient is skipped and m does not move by (1−β)κθ."""
     m = nn.Linear(3, 2).double()
     opt = curvlab.AdaFisher(m, weight_decay=0.1)
     x = torch.randn(4, 3, dtype=DT)
