@@ -197,7 +197,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"support (supported module types: {supported}); pass "
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
-        self.backend.attach(self.layers, self.estimator, self._is_capturing)
+        self.backend.attach(self.layers, self.estimator, self._is_capturing, model=self.model)
         if self._fallback and self._warn_on_fallback:
             listing = "\n  ".join(map(str, self._fallback))
             warnings.warn(

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 if TYPE_CHECKING:
     from curvlab.interfaces.estimator import FactorEstimator
     from curvlab.layers import LayerRecord
@@ -22,14 +24,18 @@ class Backend(ABC):
         layers: Sequence[LayerRecord],
         estimator: FactorEstimator,
         is_active: Callable[[], bool],
-    ) -> None: ...
+        model: nn.Module | None = None,
+    ) -> None:
+        """Hook ``layers`` (``model`` is the whole network, for backends that run it)."""
 
     @abstractmethod
     def detach(self) -> None: ...
 
     def collect(self) -> None:
         """Called at the start of a curvature ``step()``, before the records are read: a backend
-        that computes statistics after backward (BackPACK, ASDL) fills the records here."""
+        that computes statistics after backward (BackPACK, ASDL) fills the records here.
+        ``step()`` runs under ``torch.no_grad()``: re-enable grad here if the backend needs it."""
+        return None  # the native hooks fill the records during backward
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from torch import nn
+
 from curvlab.capture import CaptureEngine
 from curvlab.interfaces.backend import Backend
 from curvlab.interfaces.estimator import FactorEstimator
@@ -19,7 +21,11 @@ class NativeBackend(Backend):
         self.engine = CaptureEngine()
 
     def attach(
-        self, layers: Sequence[LayerRecord], estimator: FactorEstimator, is_active: Callable[[], bool]
+        self,
+        layers: Sequence[LayerRecord],
+        estimator: FactorEstimator,
+        is_active: Callable[[], bool],
+        model: nn.Module | None = None,
     ) -> None:
         self.engine.attach(layers, estimator, is_active)
 
