@@ -72,7 +72,9 @@ class CaptureEngine:
             )
         output.register_hook(partial(self._output_hook, record, dtype, input_stat))
 
-    def _output_hook(self, record: LayerRecord, dtype: torch.dtype, input_stat, grad: Tensor) -> None:
+    def _output_hook(
+        self, record: LayerRecord, dtype: torch.dtype, input_stat, grad: Tensor
+    ) -> None:
         with torch.autocast(grad.device.type, enabled=False):
             output_stat = self._estimator.output_statistic(
                 record.adapter, record.module, grad.detach(), dtype

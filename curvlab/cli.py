@@ -14,7 +14,10 @@ from collections.abc import Sequence
 #: subcommand → (module, help). Each module defines ``add_arguments(parser)`` and ``main(args)``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("curvlab.experiments.runner", "train the model a .gin config describes"),
-    "ablate": ("curvlab.experiments.ablate", "run a grid of variants × seeds, write tables and plots"),
+    "ablate": (
+        "curvlab.experiments.ablate",
+        "run a grid of variants × seeds, write tables and plots",
+    ),
     "bench": ("curvlab.experiments.bench", "time a training step per optimizer, write JSON"),
     "check-curvature": (
         "curvlab.experiments.check_curvature",

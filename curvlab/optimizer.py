@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from curvlab import registry
 from curvlab.capture import statistics_dtype
-from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.interfaces import (
     Backend,
     DampingPolicy,
@@ -22,7 +21,8 @@ from curvlab.interfaces import (
     Reducer,
     UpdateRule,
 )
-from curvlab.layers import FallbackParameter, LayerRecord, pair_parameters
+from curvlab.interfaces.estimator import STRUCTURES
+from curvlab.layers import FallbackParameter, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
@@ -91,7 +91,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"model must be an nn.Module (curvature needs its layers), got {type(model).__name__}"
+                f"model must be an nn.Module (curvature needs its layers), "
+                f"got {type(model).__name__}"
             )
         check_range("lr", lr, 0.0)
         check_range("beta", beta, 0.0, 1.0, high_inclusive=False)
@@ -189,11 +190,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 uses[id(p)] = uses.get(id(p), 0) + 1
         self._shared = {key for key, n in uses.items() if n > 1}
         if not self.layers and not self._allow_no_supported_layer:
-            supported = ", ".join(
-                t.__name__ for a in self.adapters for t in a.module_types
-            )
+            supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(
-                f"the model has no layer that the adapters {[type(a).__name__ for a in self.adapters]} "
+                f"the model has no layer that the adapters "
+                f"{[type(a).__name__ for a in self.adapters]} "
                 f"support (supported module types: {supported}); pass "
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
@@ -233,7 +233,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                 f"{record.name}.{role}",
                                 tuple(p.shape),
                                 "its layer never ran a captured forward/backward (e.g. its weight "
-                                "is used functionally, as nn.MultiheadAttention does with out_proj)",
+                                "is used functionally, as nn.MultiheadAttention does with "
+                                "out_proj)",
                             )
                         )
         return out
@@ -393,7 +394,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if missing:
             warnings.warn(
                 f"layers with supported types but no statistics in the first curvature step that "
-                f"captured any layer get identity curvature until they are captured: {', '.join(missing)} "
+                f"captured any layer get identity curvature until they are captured: "
+                f"{', '.join(missing)} "
                 f"(see fallback_parameters())",
                 CurvatureFallbackWarning,
                 stacklevel=3,
@@ -496,14 +498,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         saved = [tuple(d) for d in saved] if saved is not None else None
         if saved != expected:
             mismatch = [
-                f"    saved {s!r}\n    here  {e!r}"
-                for s, e in zip(saved or [], expected)
-                if s != e
+                f"    saved {s!r}\n    here  {e!r}" for s, e in zip(saved or [], expected) if s != e
             ]
             raise ValueError(
                 "load_state_dict: the state was saved for different layers "
-                f"({len(saved or [])} saved, {len(expected)} here); first differences in (name, adapter, structure, parameter shapes):\n"
-                + "\n".join(mismatch[:5])
+                f"({len(saved or [])} saved, {len(expected)} here); first differences in "
+                "(name, adapter, structure, parameter shapes):\n" + "\n".join(mismatch[:5])
             )
         # check every per-parameter state against its parameter before installing anything
         params = [p for group in self.param_groups for p in group["params"]]
@@ -512,7 +512,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             p = params[index]
             for key, value in state.items():
-                if key not in ("step", "curvature_steps") and isinstance(value, Tensor) and value.shape != p.shape:
+                if (
+                    key not in ("step", "curvature_steps")
+                    and isinstance(value, Tensor)
+                    and value.shape != p.shape
+                ):
                     raise ValueError(
                         f"load_state_dict: state {key!r} of parameter {index} has shape "
                         f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}"

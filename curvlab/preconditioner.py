@@ -3,7 +3,8 @@
 Diagonal layers never form a Kronecker matrix: ``F = S'[:, None] * H'[None, :] + λ`` (SPEC §3).
 Banded and full layers are solved in the factors' eigenbases, exact for Kronecker + λI::
 
-    (Q_S ⊗ Q_H)(Λ_S ⊗ Λ_H + λ)^{-p}(Q_S ⊗ Q_H)ᵀ vec(V)  =  Q_S [(Q_Sᵀ V Q_H) / (Λ_S Λ_Hᵀ + λ)^p] Q_Hᵀ
+    (Q_S ⊗ Q_H)(Λ_S ⊗ Λ_H + λ)^{-p}(Q_S ⊗ Q_H)ᵀ vec(V)
+        = Q_S [(Q_Sᵀ V Q_H) / (Λ_S Λ_Hᵀ + λ)^p] Q_Hᵀ
 """
 
 from __future__ import annotations
@@ -69,14 +70,20 @@ class CurvaturePreconditioner(Preconditioner):
             if factors.structure == "eigen" and not uses_shared:
                 self.joint.append((record, factors))
                 continue
-            H, S = (factors.H, factors.S) if factors.structure == "diagonal" else self._diag_of(factors)
+            H, S = (
+                (factors.H, factors.S)
+                if factors.structure == "diagonal"
+                else self._diag_of(factors)
+            )
             if mode == "factored":
                 pi = split_pi(H, S)
                 root = math.sqrt(damping)
                 H, S = H + pi * root, S + root / pi
             for role, value in record.adapter.curvature(record.module, H, S).items():
                 key = id(record.params[role])
-                self.diagonal[key] = value if key not in self.diagonal else self.diagonal[key] + value
+                self.diagonal[key] = (
+                    value if key not in self.diagonal else self.diagonal[key] + value
+                )
 
     @staticmethod
     def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:
@@ -85,7 +92,7 @@ class CurvaturePreconditioner(Preconditioner):
         S = ((factors.QS * factors.QS) @ factors.S.unsqueeze(-1)).squeeze(-1)
         return (H[0] if H.shape[0] == 1 else H), S.reshape(-1)
 
-    # -- damping of diagonal curvature --------------------------------------------------------------
+    # -- damping of diagonal curvature ---------------------------------------------------------
     def _denominator(self, F: Tensor, power: float) -> Tensor:
         """What the update divides by: (F + λ)^p, F^p + λ, or (factored, already damped) F^p."""
         if self.mode == "after_product":
@@ -98,8 +105,10 @@ class CurvaturePreconditioner(Preconditioner):
     def _fallback_denominator(self, power: float) -> float:
         return self.fallback_value**power
 
-    # -- Preconditioner API -------------------------------------------------------------------------
-    def solve(self, params: list[Tensor], tensors: list[Tensor], power: float = 1.0) -> list[Tensor]:
+    # -- Preconditioner API --------------------------------------------------------------------
+    def solve(
+        self, params: list[Tensor], tensors: list[Tensor], power: float = 1.0
+    ) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(params)
         index = {id(p): i for i, p in enumerate(params)}
         for record, factors in self.joint:
@@ -128,7 +137,9 @@ class CurvaturePreconditioner(Preconditioner):
                 out[i] = s
         rest = [i for i in range(len(params)) if out[i] is None]
         if rest:
-            solved = torch._foreach_div([tensors[i] for i in rest], self._fallback_denominator(power))
+            solved = torch._foreach_div(
+                [tensors[i] for i in rest], self._fallback_denominator(power)
+            )
             for i, s in zip(rest, solved):
                 out[i] = s
         return out  # type: ignore[return-value]

@@ -17,8 +17,8 @@ import importlib
 import importlib.util
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import gin

@@ -2,9 +2,11 @@
 
 ::
 
-    hooks ─> LayerAdapter ─> FactorEstimator ─> Reducer ─> EMA ─> Normalizer ─> DampingPolicy ─> UpdateRule
-             (what a and g    (diagonal |        (ranks)         (min-max |     (Tikhonov λ)     (m/F, ...)
-              are per layer)   banded | full)                     identity)
+    hooks ─> LayerAdapter ─> FactorEstimator ─> Reducer ─> EMA ─> Normalizer
+             (a and g per     (diagonal, banded,  (ranks)          (min-max,
+              layer type)      full, elementwise)                  identity, trace)
+          ─> DampingPolicy ─> UpdateRule
+             (Tikhonov λ)     (m/F, m/√F, K-FAC, Adam)
 """
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic

@@ -44,7 +44,7 @@ class LayerAdapter(ABC):
         return isinstance(module, self.module_types)
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """Role → parameter, for the parameters this adapter gives curvature (default: weight, bias)."""
+        """Role → parameter this adapter gives curvature to (default: weight, bias)."""
         out = {}
         for role in ("weight", "bias"):
             p = getattr(module, role, None)

@@ -14,7 +14,7 @@ from curvlab.interfaces.adapter import LayerAdapter, Statistic
 STRUCTURES = ("diagonal", "banded", "full", "elementwise")
 
 
-class FactorEstimator(ABC):
+class FactorEstimator(ABC):  # noqa: B024 - every method has a default; none is required
     """Computes raw, un-normalised factor statistics of one structure.
 
     Raw means: a sum over rows and its row count (:class:`Statistic`), so that ``total / count``
@@ -39,7 +39,12 @@ class FactorEstimator(ABC):
         return self.structure
 
     def input_statistic(
-        self, adapter: LayerAdapter, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+        self,
+        adapter: LayerAdapter,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        dtype: torch.dtype,
     ) -> Statistic:
         """Statistic of the layer input (the H / A factor), called in the forward hook."""
         raise NotImplementedError(f"{type(self).__name__} has no input statistic")

@@ -12,7 +12,9 @@ class Preconditioner(ABC):
     """The curvature of the current step, for the parameters of one param group."""
 
     @abstractmethod
-    def solve(self, params: list[Tensor], tensors: list[Tensor], power: float = 1.0) -> list[Tensor]:
+    def solve(
+        self, params: list[Tensor], tensors: list[Tensor], power: float = 1.0
+    ) -> list[Tensor]:
         """``F^{-power} v`` for each ``(param, v)`` pair (new tensors)."""
 
     @abstractmethod

@@ -11,7 +11,7 @@ from curvlab.registry import register
 
 
 def explicit_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding that ``module`` applies, for int, tuple, 'valid', 'same'."""
+    """(left, right, top, bottom) padding of ``module``: int, tuple, 'valid' or 'same'."""
     if isinstance(module.padding, str):
         if module.padding == "valid":
             return (0, 0, 0, 0)
@@ -52,7 +52,9 @@ class Conv2dAdapter(LayerAdapter):
 
     module_types = (nn.Conv2d,)
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         x = batched(x)
         n = x.shape[0]
         positions = output.shape[-1] * output.shape[-2]
@@ -65,7 +67,9 @@ class Conv2dAdapter(LayerAdapter):
             total = torch.cat([total, total.new_full((module.groups, 1), n * positions)], dim=1)
         return Statistic(total, n * positions)
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         g = batched(grad_output)
         rows = g.shape[0] * g.shape[-1] * g.shape[-2]
         return Statistic(square_sum(g, (0, 2, 3), dtype), rows)

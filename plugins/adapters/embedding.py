@@ -19,11 +19,15 @@ class EmbeddingAdapter(LayerAdapter):
 
     module_types = (nn.Embedding,)
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(dtype)
         return Statistic(counts, x.numel())
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         rows = grad_output.numel() // grad_output.shape[-1]
         return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
 

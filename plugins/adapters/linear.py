@@ -19,14 +19,18 @@ class LinearAdapter(LayerAdapter):
 
     module_types = (nn.Linear,)
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         rows = x.numel() // x.shape[-1]
         total = square_sum(x.reshape(rows, -1), 0, dtype)
         if module.bias is not None:
             total = torch.cat([total, total.new_full((1,), rows)])
         return Statistic(total, rows)
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         rows = grad_output.numel() // grad_output.shape[-1]
         return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
 

@@ -26,13 +26,17 @@ class ElementwiseAffineAdapter(LayerAdapter):
         """The dims that are summed over (everything that is not a feature dim)."""
         raise NotImplementedError
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         dims = self.reduce_dims(module, x)
         rows = _numel(x, dims)
         x_hat = self.normalized(module, x.to(dtype))
         return Statistic(square_sum(x_hat, dims, dtype).reshape(module.weight.shape), rows)
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         dims = self.reduce_dims(module, grad_output)
         total = square_sum(grad_output, dims, dtype).reshape(module.weight.shape)
         return Statistic(total, _numel(grad_output, dims))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from curvlab.plugins.adapters.conv2d import Conv2dAdapter, batched, pad_like_module
+from curvlab.plugins.adapters.linear import LinearAdapter
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
-from curvlab.plugins.adapters.conv2d import Conv2dAdapter, batched, pad_like_module
-from curvlab.plugins.adapters.linear import LinearAdapter
 from curvlab.registry import register
 
 
@@ -34,7 +34,9 @@ class OfficialConv2dAdapter(Conv2dAdapter):
 
     exact_type = True
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         x = batched(x)
         n = x.shape[0]
         x2 = pad_like_module(module, square_sum(x, 0, dtype))
@@ -71,13 +73,17 @@ class OfficialBatchNorm2dAdapter(OfficialTwoEntryAdapter):
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return super().parameters(module) if module.affine else {}
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         n, c, h, w = x.shape
         u = x.to(dtype).sum((0, 2, 3)) / float(h * w) ** 2
         total = torch.stack([(u * u).sum(), u.new_tensor(float(c))])
         return Statistic(total, n * n)
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         s = grad_output.to(dtype).sum((0, 2, 3))
         return Statistic(s * s, grad_output.shape[0])
 
@@ -93,7 +99,9 @@ class OfficialLayerNormAdapter(OfficialTwoEntryAdapter):
     def matches(self, module: nn.Module) -> bool:
         return super().matches(module) and len(module.normalized_shape) == 1
 
-    def input_diagonal(self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype) -> Statistic:
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         n, k = x.shape[0], x.shape[1]
         dims = (0,) + tuple(range(2, x.dim()))
         p = 1
@@ -103,6 +111,8 @@ class OfficialLayerNormAdapter(OfficialTwoEntryAdapter):
         total = torch.stack([(u * u).sum(), u.new_tensor(float(k))])
         return Statistic(total, n * n)
 
-    def output_diagonal(self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Statistic:
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
         s = grad_output.to(dtype).reshape(-1, grad_output.shape[-1]).sum(0)
         return Statistic(s * s, grad_output.shape[0])

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from curvlab.plugins.estimators.full import KroneckerRowsEstimator
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
-from curvlab.structures import band_to_dense  # noqa: F401 - re-exported for users
-from curvlab.plugins.estimators.full import KroneckerRowsEstimator
 from curvlab.registry import register
+from curvlab.structures import band_to_dense  # noqa: F401 - re-exported for users
 from curvlab.validation import check_range
 
 
@@ -48,7 +48,12 @@ class BandedEstimator(KroneckerRowsEstimator):
         return super().layer_structure(adapter)
 
     def input_statistic(
-        self, adapter: LayerAdapter, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+        self,
+        adapter: LayerAdapter,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        dtype: torch.dtype,
     ) -> Statistic:
         if self.bandwidth == 0:
             return adapter.input_diagonal(module, x, output, dtype)

@@ -19,7 +19,12 @@ class DiagonalEstimator(FactorEstimator):
     structure = "diagonal"
 
     def input_statistic(
-        self, adapter: LayerAdapter, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+        self,
+        adapter: LayerAdapter,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        dtype: torch.dtype,
     ) -> Statistic:
         return adapter.input_diagonal(module, x, output, dtype)
 

@@ -10,7 +10,9 @@ from curvlab.interfaces.estimator import FactorEstimator
 from curvlab.registry import register
 
 
-def grouped_output_rows(adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+def grouped_output_rows(
+    adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+) -> Tensor:
     """g rows as (groups, rows, out_g) in ``dtype``."""
     rows = adapter.output_rows(module, grad_output).to(dtype)
     groups = adapter.groups(module)
@@ -38,7 +40,12 @@ class KroneckerRowsEstimator(FactorEstimator):
         return float(adapter.batch_size(module, grad_output)) if self.per_sample else 1.0
 
     def input_statistic(
-        self, adapter: LayerAdapter, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+        self,
+        adapter: LayerAdapter,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        dtype: torch.dtype,
     ) -> Statistic:
         if not adapter.supports_rows:
             return adapter.input_diagonal(module, x, output, dtype)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from curvlab.plugins.updates.adafisher import masked_grads
 from torch import Tensor
 
 from curvlab.interfaces.update import GroupWork, Preconditioner, UpdateRule
-from curvlab.plugins.updates.adafisher import masked_grads
 from curvlab.registry import register
 
 
@@ -43,7 +43,9 @@ class KFACUpdate(UpdateRule):
         directions = precond.solve(all_params, all_grads)
         if self.kl_clip is not None:
             lr = work[0][0]["lr"]
-            vg = torch.stack([(d * g).sum().to(torch.float32) for d, g in zip(directions, all_grads)]).sum()
+            vg = torch.stack(
+                [(d * g).sum().to(torch.float32) for d, g in zip(directions, all_grads)]
+            ).sum()
             nu = torch.sqrt(self.kl_clip / (lr**2 * vg.clamp_min(1e-30))).clamp(max=1.0)
             torch._foreach_mul_(directions, nu)
         start = 0
