@@ -326,28 +326,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._shared,
         )
 
-    def _gather_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
-        records = [r for r in self.layers if r.has_statistics]
-        if not records:
-            return {}
+    def _reduce_statistics(
+        self, grads: list[Tensor], device: torch.device
+    ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+        """This step's factor means per layer (summed over ranks) and the step's finite flag.
+
+        The flag covers the gradients and the local statistics on every rank; with statistics
+        to reduce it travels in the same collective (``Reducer.reduce_with_flag``).
+        """
+        records = [r for r in self.layers if r.has_statistics] if self._capture_active else []
         totals, counts = [], []
         for record in records:
             for stat in record.take():
                 totals.append(stat.total)
                 counts.append(stat.count)
-        totals, counts = self.reducer.reduce(totals, counts)
-        return {
+        local_ok = self._local_finite(grads + totals, device)
+        if not records:
+            return {}, self.reducer.all_finite(local_ok)
+        totals, counts, ok = self.reducer.reduce_with_flag(totals, counts, local_ok)
+        stats = {
             r.name: (totals[2 * i] / counts[2 * i], totals[2 * i + 1] / counts[2 * i + 1])
             for i, r in enumerate(records)
         }
+        return stats, ok
 
-    def _all_finite(self, tensors: list[Tensor], device: torch.device) -> Tensor:
+    @staticmethod
+    def _local_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
+        """One on-device flag: every entry of every tensor is finite (no host sync)."""
         if not tensors:
-            flag = torch.ones((), dtype=torch.bool, device=device)
-        else:
-            norms = torch._foreach_norm(tensors, float("inf"))
-            flag = torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
-        return self.reducer.all_finite(flag)
+            return torch.ones((), dtype=torch.bool, device=device)
+        norms = torch._foreach_norm(tensors, float("inf"))
+        return torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
 
     def _update_factors(self, stats: dict[str, tuple[Tensor, Tensor]], ok: Tensor) -> None:
         g = self.gamma
@@ -436,11 +445,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         if self._capture_active:
             self.backend.collect()
-        stats = self._gather_statistics() if self._capture_active else {}
+        stats, ok = self._reduce_statistics(all_grads, device)
         if stats and not self._seen_capture:
             self._seen_capture = True
             self._warn_uncaptured_once()
-        ok = self._all_finite(all_grads + [t for pair in stats.values() for t in pair], device)
         if stats:
             self._update_factors(stats, ok)
         if self.estimator.structure == "elementwise" and self._capture_active:

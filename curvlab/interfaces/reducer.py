@@ -23,9 +23,18 @@ class Reducer(ABC):
         Means are then ``total / count``, i.e. weighted by each rank's number of rows.
         """
 
-    def all_finite(self, flag):  # noqa: ANN001 - a 0-dim bool tensor
-        """AND a per-rank finite flag across ranks, so that every rank skips the same steps."""
+    def all_finite(self, flag: Tensor) -> Tensor:
+        """AND a per-rank finite flag (0-dim bool) across ranks, so every rank skips the same
+        steps."""
         return flag
+
+    def reduce_with_flag(
+        self, totals: list[Tensor], counts: list[int], flag: Tensor
+    ) -> tuple[list[Tensor], list[int | Tensor], Tensor]:
+        """:meth:`reduce` and :meth:`all_finite` together; a distributed reducer sends both in
+        one collective."""
+        totals, counts = self.reduce(totals, counts)
+        return totals, counts, self.all_finite(flag)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -203,8 +203,9 @@ class TorchDistributedReducer(Reducer):
         totals); the returned flag is True only if it was True on every rank. A non-finite total
         on any rank also makes the summed totals non-finite on every rank.
         """
-        if not totals:
-            return [], list(counts), self.all_finite(flag)
+        if not totals or self.finite_flag == "local":
+            reduced, reduced_counts = self.reduce(totals, counts) if totals else ([], list(counts))
+            return reduced, reduced_counts, self.all_finite(flag)
         if self.world_size == 1:
             return list(totals), list(counts), self._log_if_skipped(flag, ~flag, flag)
         reduced, reduced_counts, all_ok = self.launch(totals, counts, flag=flag).wait()
