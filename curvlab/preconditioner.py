@@ -161,7 +161,8 @@ class CurvaturePreconditioner(Preconditioner):
         return f.QS @ (rotated / denom) @ f.QH.transpose(-1, -2)
 
     def dense_diagonal(self, param: Tensor) -> Tensor:
-        """diag(F) such that the update divides by ``F^p`` (damping included)."""
+        """diag(F), damping included, such that the update divides by ``F^p`` — except with
+        ``after_root`` damping, where the update divides by ``F^p + λ`` and this returns F."""
         F = self.elementwise.get(id(param))
         if F is None:
             F = self.diagonal.get(id(param))

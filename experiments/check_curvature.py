@@ -135,7 +135,15 @@ def backend_statistics(
         for r in layers
     ]
     backend = registry.create("backends", backend_name, fisher_type=fisher_type, seed=seed)
-    backend.attach(records, estimator, lambda: True, model=model)
+    # the reference is the library's own factor of each layer's structure (diagonal or full),
+    # whatever estimator the researcher is checking
+    uses_full = any(r.structure == "full" for r in records)
+    reference = registry.create(
+        "estimators",
+        "full" if uses_full else "diagonal",
+        **({"per_sample": getattr(estimator, "per_sample", True)} if uses_full else {}),
+    )
+    backend.attach(records, reference, lambda: True, model=model)
     try:
         loss_module = None
         if backend_name == "backpack" and fisher_type != "empirical":

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from curvlab.plugins.adapters.conv2d import Conv2dAdapter, batched, pad_like_module
-from curvlab.plugins.adapters.linear import LinearAdapter
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
+from curvlab.plugins.adapters.conv2d import Conv2dAdapter, batched, pad_like_module
+from curvlab.plugins.adapters.linear import LinearAdapter
 from curvlab.registry import register
 
 

@@ -42,6 +42,20 @@ def find_model(is_active: Callable[[], bool], model: nn.Module | None = None) ->
     return found if isinstance(found, nn.Module) else None
 
 
+def check_estimator(backend: str, estimator) -> None:  # noqa: ANN001
+    """These backends compute the built-in diagonal and full factors themselves: any other
+    estimator (a user's plugin, banded) would be silently replaced, so it is refused."""
+    from curvlab.plugins.estimators.diagonal import DiagonalEstimator
+    from curvlab.plugins.estimators.full import FullEstimator
+
+    if type(estimator) not in (DiagonalEstimator, FullEstimator):
+        raise NotImplementedError(
+            f"{backend} backend computes the built-in 'diagonal' and 'full' factors itself and "
+            f"cannot run the estimator {type(estimator).__name__}; use backend='native' for it "
+            f"(or compare it with `curvlab check-curvature`)"
+        )
+
+
 def check_structure(backend: str, layers, supported: tuple[str, ...]) -> None:  # noqa: ANN001
     """Raise unless every layer's estimator structure is one the backend can produce."""
     for record in layers:
@@ -56,4 +70,4 @@ def check_structure(backend: str, layers, supported: tuple[str, ...]) -> None:  
 
 from curvlab.plugins.backends import asdl, backpack, native  # noqa: E402 - helpers first
 
-__all__ = ["UnsupportedLayerError", "asdl", "backpack", "find_model", "layer_error", "native"]
+__all__ = ["UnsupportedLayerError", "asdl", "check_estimator", "backpack", "find_model", "layer_error", "native"]

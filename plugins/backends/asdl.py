@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from curvlab.plugins.backends import check_structure, find_model, layer_error
+from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from torch import Tensor, nn
 
 from curvlab.capture import statistics_dtype
@@ -190,6 +190,7 @@ class AsdlBackend(Backend):
         model: nn.Module | None = None,
     ) -> None:
         self.detach()
+        check_estimator(self.name, estimator)
         check_structure(self.name, layers, STRUCTURES)
         adapters = _paper_adapter_types()
         for record in layers:

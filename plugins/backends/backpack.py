@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from curvlab.plugins.backends import check_structure, find_model, layer_error
+from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from torch import Tensor, nn
 
 from curvlab.capture import statistics_dtype
@@ -319,6 +319,7 @@ class BackpackBackend(Backend):
         model: nn.Module | None = None,
     ) -> None:
         self.detach()
+        check_estimator(self.name, estimator)
         check_structure(self.name, layers, STRUCTURES)
         paper_adapters = _paper_adapter_types()
         for record in layers:

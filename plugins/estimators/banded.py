@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from curvlab.plugins.estimators.full import KroneckerRowsEstimator
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.plugins.estimators.full import KroneckerRowsEstimator
 from curvlab.registry import register
 from curvlab.structures import band_to_dense  # noqa: F401 - re-exported for users
 from curvlab.validation import check_range

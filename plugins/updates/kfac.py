@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from curvlab.plugins.updates.adafisher import masked_grads
 from torch import Tensor
 
 from curvlab.interfaces.update import GroupWork, Preconditioner, UpdateRule
+from curvlab.plugins.updates.adafisher import masked_grads
 from curvlab.registry import register
 
 
