@@ -22,14 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bind", action="append", default=[], metavar="KEY=VALUE",
         help="extra gin binding, e.g. --bind optimizer.lr=0.01 (repeatable)",
     )
-    p.add_argument("--out", default=None, help="directory for metrics.jsonl, summary.json, operative_config.gin")
+    p.add_argument(
+        "--out", default=None,
+        help="directory for metrics.jsonl, summary.json, operative_config.gin",
+    )
+    p.add_argument(
+        "--plugins", action="append", default=[], metavar="FILE.py",
+        help="import a plugin file (it registers itself) before parsing the config (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, final line only")
 
 
 def main(args: argparse.Namespace) -> int:
     from curvlab.config import parse_config
 
-    parse_config(args.config, args.bind)
+    parse_config(args.config, args.bind, plugins=args.plugins)
     summary = task()(out_dir=args.out, quiet=args.quiet)
     shown = " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()

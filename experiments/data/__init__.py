@@ -1,5 +1,20 @@
-"""Datasets. Embedded real data (scikit-learn digits, iris) needs no download."""
+"""Datasets. Embedded real data (scikit-learn digits, iris) needs no download; CIFAR-10/100 and
+WikiText-2 are read from a local directory; a synthetic CIFAR-shaped set serves tests."""
 
+from curvlab.experiments.data.augment import CifarAugment
+from curvlab.experiments.data.cifar import cifar10, cifar100
 from curvlab.experiments.data.embedded import Split, digits, iris
+from curvlab.experiments.data.synthetic import synthetic_cifar
+from curvlab.experiments.data.wikitext import TextSplit, wikitext2
 
-__all__ = ["Split", "digits", "iris"]
+__all__ = [
+    "CifarAugment",
+    "Split",
+    "TextSplit",
+    "cifar10",
+    "cifar100",
+    "digits",
+    "iris",
+    "synthetic_cifar",
+    "wikitext2",
+]

@@ -1,5 +1,20 @@
 """Models written here (no torchvision)."""
 
+from curvlab.experiments.models.gpt import GPT, gpt
+from curvlab.experiments.models.mobilenet import MobileNetV3, mobilenet_v3_small
+from curvlab.experiments.models.resnet import ResNet, resnet18, resnet50
 from curvlab.experiments.models.small import MLP, DigitsCNN, digits_cnn, mlp
 
-__all__ = ["MLP", "DigitsCNN", "digits_cnn", "mlp"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "DigitsCNN",
+    "MobileNetV3",
+    "ResNet",
+    "digits_cnn",
+    "gpt",
+    "mlp",
+    "mobilenet_v3_small",
+    "resnet18",
+    "resnet50",
+]
