@@ -142,6 +142,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._capture_active = True
         self._capture_paused = False
+        self._grad_scaler = None
         self.curvature_state: dict[str, dict[str, Tensor]] = {}
         self._skipped: Tensor | None = None
         self._warned_uncaptured = False
@@ -209,6 +210,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _is_capturing(self) -> bool:
         return self._capture_active and not self._capture_paused
+
+    def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Keep factors in the units of the unscaled loss under ``torch.amp.GradScaler``.
+
+        The hooks see gradients of the *scaled* loss, so output statistics carry the scale².
+        With the scaler attached, each curvature step divides them by its current scale (read
+        on device, no host synchronisation). Min-max variants are nearly scale-free anyway;
+        K-FAC (identity normaliser) needs this to train under a GradScaler.
+        """
+        self._grad_scaler = scaler
+
+    def _loss_scale(self) -> Tensor | None:
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)  # created by the first scaler.scale(loss)
 
     @contextlib.contextmanager
     def pause_capture(self) -> Iterator[None]:
@@ -282,8 +299,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     H, S = torch.where(updated, H, 1.0), torch.where(updated, S, 1.0)
                 out[record.name] = LayerFactors("diagonal", H, S)
             else:
-                LH = torch.where(updated, self.normalizer(state["LH"], "spectrum"), 1.0)
-                LS = torch.where(updated, self.normalizer(state["LS"], "spectrum"), 1.0)
+                valid = state.get("eigen_valid", updated)
+                LH = torch.where(valid, self.normalizer(state["LH"], "spectrum"), 1.0)
+                LS = torch.where(valid, self.normalizer(state["LS"], "spectrum"), 1.0)
                 out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
         return out
 
@@ -300,6 +318,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 dense = dense_factor(record.structure, state[key])
                 values, vectors = torch.linalg.eigh(dense)
                 state["L" + key], state["Q" + key] = values, vectors
+            # an eigenbasis of never-updated (zero) factors must not precondition: identity
+            # until the next refresh after an accepted update
+            state["eigen_valid"] = state["updated"].clone()
 
     def _elementwise_curvature(self) -> dict[int, Tensor]:
         out = {}
@@ -340,6 +361,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for stat in record.take():
                 totals.append(stat.total)
                 counts.append(stat.count)
+        scale = self._loss_scale() if records else None
+        if scale is not None:  # output statistics (odd entries) carry the loss scale squared
+            for i in range(1, len(totals), 2):
+                totals[i] = totals[i] / scale.to(totals[i].dtype).square()
         local_ok = self._local_finite(grads + totals, device)
         if not records:
             return {}, self.reducer.all_finite(local_ok)

@@ -43,10 +43,12 @@ class KFACUpdate(UpdateRule):
         directions = precond.solve(all_params, all_grads)
         if self.kl_clip is not None:
             lr = work[0][0]["lr"]
+            # in fp64: d·g of huge (finite) fp32 gradients must not overflow into a NaN ν
             vg = torch.stack(
-                [(d * g).sum().to(torch.float32) for d, g in zip(directions, all_grads)]
+                [(d.double() * g.double()).sum() for d, g in zip(directions, all_grads)]
             ).sum()
             nu = torch.sqrt(self.kl_clip / (lr**2 * vg.clamp_min(1e-30))).clamp(max=1.0)
+            nu = torch.nan_to_num(nu, nan=0.0).to(directions[0].dtype)
             torch._foreach_mul_(directions, nu)
         start = 0
         for group, params, _, states in work:
