@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from torch import Tensor, nn
 
 from curvlab.capture import statistics_dtype
@@ -45,6 +44,7 @@ from curvlab.interfaces.adapter import Statistic
 from curvlab.interfaces.backend import Backend
 from curvlab.interfaces.estimator import FactorEstimator
 from curvlab.layers import LayerRecord
+from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from curvlab.registry import register
 
 FISHER_TYPES = {"empirical": "fisher_emp", "exact": "fisher_exact", "mc": "fisher_mc"}

@@ -41,7 +41,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from torch import Tensor, nn
 
 from curvlab.capture import statistics_dtype
@@ -49,6 +48,7 @@ from curvlab.interfaces.adapter import Statistic
 from curvlab.interfaces.backend import Backend
 from curvlab.interfaces.estimator import FactorEstimator
 from curvlab.layers import LayerRecord
+from curvlab.plugins.backends import check_estimator, check_structure, find_model, layer_error
 from curvlab.registry import register
 
 FISHER_TYPES = ("empirical", "exact", "mc")
