@@ -377,10 +377,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _local_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-        """One on-device flag: every entry of every tensor is finite (no host sync)."""
+        """One on-device flag: every entry of every tensor is finite (no host sync).
+
+        One multi-tensor L2 norm per dtype (fp16/bf16 accumulate in fp32); a NaN or inf entry
+        makes its norm non-finite. A norm that overflows fp32 (entries beyond ~1e19) also
+        counts as non-finite: such a step is skipped rather than risk an inf update.
+        """
         if not tensors:
             return torch.ones((), dtype=torch.bool, device=device)
-        norms = torch._foreach_norm(tensors, float("inf"))
+        low = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
+        high = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
+        norms = list(torch._foreach_norm(high, 2)) if high else []
+        if low:
+            norms += torch._foreach_norm(low, 2, dtype=torch.float32)
         return torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
 
     def _update_factors(self, stats: dict[str, tuple[Tensor, Tensor]], ok: Tensor) -> None:

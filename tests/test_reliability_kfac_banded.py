@@ -344,10 +344,11 @@ def test_huge_finite_gradients_never_write_non_finite_values(case, bindings, sca
             assert torch.isfinite(value).all(), f"non-finite {key}"
 
 
-def test_adam_composition_overflows_like_torch_adam():
-    """Documented limit, shared with ``torch.optim.Adam``: a finite fp32 gradient beyond
-    ~1.8e19 squares to inf, v becomes inf for good and those entries stop moving (m / √inf = 0);
-    the parameters stay finite and the composition still equals torch.optim.Adam bitwise."""
+def test_gradient_whose_norm_overflows_is_skipped_not_absorbed():
+    """A finite fp32 gradient beyond ~1.8e19 squares to inf: torch.optim.Adam would make v inf
+    for good (those entries never move again). curvlab's finite flag is a multi-tensor L2 norm,
+    which overflows there too, so the step is skipped and counted instead; the Adam composition
+    then equals torch.optim.Adam run without that batch (to fp32 rounding)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     reference = nn.Sequential(nn.Linear(4, 3))
@@ -357,16 +358,16 @@ def test_adam_composition_overflows_like_torch_adam():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
     for i in range(3):
-        for m, o in ((model, opt), (reference, ref_opt)):
+        pairs = ((model, opt),) if i == 0 else ((model, opt), (reference, ref_opt))
+        for m, o in pairs:
             o.zero_grad(set_to_none=True)
             F.cross_entropy(m(x), y).backward()
             if i == 0:
                 for p in m.parameters():
                     p.grad.mul_(1e30)
             o.step()
-    assert opt.metrics()["skipped_steps"] == 0
+    assert opt.metrics()["skipped_steps"] == 1
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert torch.equal(p, q)
-        assert torch.isfinite(p).all()
-        assert torch.isinf(opt.state[p]["curvature"]).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)  # fp32 rounding
+        assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["curvature"]).all()
         assert torch.equal(opt.state[p]["curvature"], ref_opt.state[q]["exp_avg_sq"])

@@ -49,8 +49,10 @@ class AdaFisherUpdate(UpdateRule):
         }
 
     def update(self, work: list[GroupWork], precond: Preconditioner, ok: Tensor) -> None:
+        if not work:
+            return
         okf = ok.to(torch.float32)
-        all_params, all_mhat = [], []
+        all_params, all_moments, all_coefs = [], [], []
         for group, params, grads, states in work:
             beta, wd = group["beta"], group["weight_decay"]
             grads = masked_grads(grads, params, 0.0 if self.decoupled_weight_decay else wd, ok)
@@ -62,22 +64,23 @@ class AdaFisherUpdate(UpdateRule):
             torch._foreach_mul_(exp_avgs, torch.where(ok, beta_t, 1.0))
             torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
             torch._foreach_add_(steps, okf)
-            # 1 − β^t in the parameters' precision (t ≥ 1: a skipped first step cannot divide by 0)
-            exponents = [s.to(dtype) for s in torch._foreach_maximum(steps, 1.0)]
-            corrections = torch._foreach_pow(beta, exponents)
-            torch._foreach_neg_(corrections)
-            torch._foreach_add_(corrections, 1.0)
+            # okf / (1 − β^t) for every parameter at once, in the parameters' precision
+            # (t ≥ 1: a skipped first step cannot divide by 0); F^{-p} is linear, so the bias
+            # correction can be applied after the solve
+            t = torch.stack(steps).to(dtype).clamp_min(1.0)
+            coefs = (okf.to(dtype) / (1.0 - torch.pow(beta_t, t))).unbind()
             all_params += params
-            all_mhat += torch._foreach_div(exp_avgs, corrections)
-        directions = precond.solve(all_params, all_mhat, self.power)
+            all_moments += exp_avgs
+            all_coefs += coefs
+        directions = precond.solve(all_params, all_moments, self.power)
+        torch._foreach_mul_(directions, all_coefs)
         start = 0
         for group, params, _, _ in work:
             lr, wd = group["lr"], group["weight_decay"]
             step_dirs = directions[start : start + len(params)]
             start += len(params)
             if wd != 0 and self.decoupled_weight_decay:
-                torch._foreach_add_(step_dirs, params, alpha=wd)
-            torch._foreach_mul_(step_dirs, okf)
+                torch._foreach_add_(step_dirs, torch._foreach_mul(params, ok.to(params[0].dtype) * wd))
             torch._foreach_add_(params, step_dirs, alpha=-lr)
 
     def __repr__(self) -> str:

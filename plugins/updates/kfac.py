@@ -34,6 +34,8 @@ class KFACUpdate(UpdateRule):
         return {"momentum": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
     def update(self, work: list[GroupWork], precond: Preconditioner, ok: Tensor) -> None:
+        if not work:
+            return
         okf = ok.to(torch.float32)
         all_params, all_grads = [], []
         for group, params, grads, _ in work:
