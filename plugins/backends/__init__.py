@@ -70,4 +70,12 @@ def check_structure(backend: str, layers, supported: tuple[str, ...]) -> None:  
 
 from curvlab.plugins.backends import asdl, backpack, native  # noqa: E402 - helpers first
 
-__all__ = ["UnsupportedLayerError", "asdl", "check_estimator", "backpack", "find_model", "layer_error", "native"]
+__all__ = [
+    "UnsupportedLayerError",
+    "asdl",
+    "backpack",
+    "check_estimator",
+    "find_model",
+    "layer_error",
+    "native",
+]

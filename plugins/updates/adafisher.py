@@ -80,7 +80,8 @@ class AdaFisherUpdate(UpdateRule):
             step_dirs = directions[start : start + len(params)]
             start += len(params)
             if wd != 0 and self.decoupled_weight_decay:
-                torch._foreach_add_(step_dirs, torch._foreach_mul(params, ok.to(params[0].dtype) * wd))
+                decay = ok.to(params[0].dtype) * wd  # κ, or 0 on a skipped step
+                torch._foreach_add_(step_dirs, torch._foreach_mul(params, decay))
             torch._foreach_add_(params, step_dirs, alpha=-lr)
 
     def __repr__(self) -> str:
