@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 import gin
@@ -41,5 +42,6 @@ def main(args: argparse.Namespace) -> int:
     shown = " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
     )
-    print(f"final: {shown}" + (f" out={args.out}" if args.out else ""))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(f"final: {shown}" + (f" out={args.out}" if args.out else ""))
     return 0

@@ -21,10 +21,12 @@ import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from curvlab.config import make_optimizer
 from curvlab.experiments import models as _models  # noqa: F401 - registers @models.*
 from curvlab.experiments.data import CifarAugment, Split
+from curvlab.experiments.distributed import DistributedContext
 
 TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
@@ -96,6 +98,8 @@ def train(
     time_budget_from: str | None = None,
     time_budget_epochs: int | None = None,
     num_threads: int | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     out_dir: str | None = None,
     quiet: bool = False,
 ) -> dict[str, float]:
@@ -106,6 +110,13 @@ def train(
     docstring. ``num_threads`` sets torch's intra-op threads for the run (restored afterwards).
     Writes ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``operative_config.gin``
     into ``out_dir`` when given.
+
+    ``checkpoint_every = k`` saves model, optimizer (factors included) and RNG state to
+    ``out_dir/checkpoint.pt`` every k epochs; ``resume = True`` continues from it (the run then
+    equals an uninterrupted one bitwise on CPU). Under ``torchrun --nproc_per_node=N`` the run is
+    data-parallel: DistributedDataParallel, a DistributedSampler giving each rank
+    ``batch_size / N`` of every global batch, the ``torch_distributed`` reducer for the factor
+    statistics (when the config says ``"none"``), and rank 0 writes every file.
     """
     if time_budget_from is not None:
         if time_budget_s is not None:
@@ -121,7 +132,7 @@ def train(
         torch.set_num_threads(num_threads)
     try:
         return _train(model, data, optimizer, epochs, batch_size, seed, device, augment,
-                      time_budget_s, out_dir, quiet)
+                      time_budget_s, out_dir, quiet, checkpoint_every, resume)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -138,63 +149,125 @@ def _train(
     time_budget_s: float | None,
     out_dir: str | None,
     quiet: bool,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    split = data()
-    net = model().to(device)
-    opt = optimizer(net)
-    if augment is True:
-        augment = CifarAugment(seed=seed)
-    x_tr, y_tr = split.x_train.to(device), split.y_train.to(device)
-    x_te, y_te = split.x_test.to(device), split.y_test.to(device)
-    generator = torch.Generator().manual_seed(seed)
+    ctx = DistributedContext.from_env(device)
+    try:
+        torch.manual_seed(seed)
+        split = data()
+        net = model().to(device)
+        opt = optimizer(net)
+        trained = net
+        if ctx.world > 1:
+            if batch_size % ctx.world:
+                raise ValueError(
+                    f"train.batch_size = {batch_size} must be divisible by the {ctx.world} ranks"
+                )
+            _use_distributed_reducer(opt)
+            trained = nn.parallel.DistributedDataParallel(net)
+        if augment is True:
+            augment = CifarAugment(seed=seed)
+        x_tr, y_tr = split.x_train.to(device), split.y_train.to(device)
+        x_te, y_te = split.x_test.to(device), split.y_test.to(device)
+        generator = torch.Generator().manual_seed(seed)
+        sampler = None
+        if ctx.world > 1:
+            sampler = DistributedSampler(
+                range(len(x_tr)), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed
+            )
 
-    out = Path(out_dir) if out_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        (out / "summary.json").unlink(missing_ok=True)  # present only once a run has finished
-    start = time.perf_counter()
-    train_time = 0.0
-    summary: dict[str, float] = {}
-    bar = tqdm(range(epochs), desc="epochs", disable=quiet, leave=False)
-    for epoch in bar:
-        tick = time.perf_counter()
-        net.train()
-        order = torch.randperm(len(x_tr), generator=generator)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size].to(device)
-            inputs = x_tr[idx]
-            if augment:
-                inputs = augment(inputs)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(inputs), y_tr[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(idx)
-        train_loss = float(loss_sum) / len(order)  # synchronises, so the epoch time is real
-        train_time += time.perf_counter() - tick
-        test_loss, test_acc = evaluate(net, x_te, y_te)
-        summary = dict(
-            epoch=epoch + 1,
-            train_loss=train_loss,
-            test_loss=test_loss,
-            test_accuracy=test_acc,
-            train_time_s=train_time,
-            time_s=time.perf_counter() - start,
-        )
-        bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{test_acc:.3f}")
+        out = Path(out_dir) if out_dir and ctx.is_main else None
+        checkpoint = Path(out_dir) / "checkpoint.pt" if out_dir else None
+        start_epoch, train_time, history = 0, 0.0, []
+        if resume and checkpoint is not None and checkpoint.exists():
+            state = torch.load(checkpoint, map_location=device, weights_only=False)
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, train_time, history = state["epoch"], state["train_time"], state["history"]
         if out:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(summary) + "\n")
-        if time_budget_s is not None and train_time >= time_budget_s:
-            break
-    if time_budget_s is not None:
-        summary["time_budget_s"] = float(time_budget_s)
-    if out:
-        (out / "operative_config.gin").write_text(gin.operative_config_str())
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            (out / "summary.json").unlink(missing_ok=True)  # present only once a run finished
+        start = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
+        summary: dict[str, float] = history[-1] if history else {}
+        local_batch = batch_size // ctx.world
+        bar = tqdm(
+            range(start_epoch, epochs), desc="epochs", disable=quiet or not ctx.is_main,
+            leave=False,
+        )
+        for epoch in bar:
+            tick = time.perf_counter()
+            trained.train()
+            if sampler is None:
+                order = torch.randperm(len(x_tr), generator=generator)
+            else:
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler))
+            loss_sum = torch.zeros((), device=device)
+            for i in range(0, len(order), local_batch):
+                idx = order[i : i + local_batch].to(device)
+                inputs = x_tr[idx]
+                if augment:
+                    inputs = augment(inputs)
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(trained(inputs), y_tr[idx])
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(idx)
+            rows = torch.tensor(float(len(order)), device=device)
+            train_loss = float(ctx.sum(loss_sum) / ctx.sum(rows))  # synchronises: real timing
+            train_time += time.perf_counter() - tick
+            test_loss, test_acc = evaluate(net, x_te, y_te)
+            summary = dict(
+                epoch=epoch + 1,
+                train_loss=train_loss,
+                test_loss=test_loss,
+                test_accuracy=test_acc,
+                train_time_s=train_time,
+                time_s=time.perf_counter() - start,
+            )
+            history.append(summary)
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{test_acc:.3f}")
+            if out:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(summary) + "\n")
+            if checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+                state = dict(
+                    epoch=epoch + 1,
+                    model=net.state_dict(),
+                    optimizer=opt.state_dict(),
+                    generator=generator.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    train_time=train_time,
+                    history=history,
+                )
+                if ctx.is_main:
+                    torch.save(state, checkpoint)
+            if time_budget_s is not None and train_time >= time_budget_s:
+                break
+        if time_budget_s is not None:
+            summary["time_budget_s"] = float(time_budget_s)
+        if ctx.world > 1:
+            summary["world_size"] = ctx.world
+        if out:
+            (out / "operative_config.gin").write_text(gin.operative_config_str())
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        ctx.close()
+
+
+def _use_distributed_reducer(opt: torch.optim.Optimizer) -> None:
+    """Factor statistics must be averaged across ranks: swap a single-process reducer."""
+    from curvlab import registry
+    from curvlab.optimizer import CurvatureOptimizer
+    from curvlab.plugins.reducers.none import NoReducer
+
+    if isinstance(opt, CurvatureOptimizer) and isinstance(opt.reducer, NoReducer):
+        # each rank's loss is the mean over its own samples (plain DDP)
+        opt.reducer = registry.create("reducers", "torch_distributed", loss_convention="local_mean")

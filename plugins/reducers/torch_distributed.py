@@ -82,6 +82,9 @@ class PendingReduction:
         return self._result
 
 
+LOSS_CONVENTIONS = ("global", "local_mean")
+
+
 @register("reducers", "torch_distributed")
 class TorchDistributedReducer(Reducer):
     r"""Sums statistic totals and row counts over the ranks of a ``torch.distributed`` group.
@@ -115,6 +118,13 @@ class TorchDistributedReducer(Reducer):
             all such tensors are symmetric, which holds for the ``full`` estimator's
             ``Σ ā āᵀ`` / ``Σ g gᵀ``, not in general — never with ``banded``, whose
             ``(b+1, d)`` band storage is square (and not symmetric) when ``b = d − 1``.
+        loss_convention: ``"global"`` (default): every rank's output gradients are those of the
+            global loss (each rank's loss summed over its samples and divided by the global
+            batch, gradients summed across ranks). ``"local_mean"``: the usual DDP recipe, each
+            rank's loss is the mean over its own samples (gradients averaged by DDP), so its
+            output gradients are W times those of the global loss; output statistics (the odd
+            entries, ``Σ g²``) are divided by W² before the sum. ``curvlab run`` under torchrun
+            uses ``"local_mean"``.
         validate: before every reduction, check with one extra small collective that all ranks
             pass the same layout (number and shapes of tensors); a mismatch raises instead of
             hanging or mixing layers. For debugging.
@@ -135,6 +145,7 @@ class TorchDistributedReducer(Reducer):
         pack_symmetric: bool = False,
         validate: bool = False,
         log_skips: bool = True,
+        loss_convention: str = "global",
     ) -> None:
         if not dist.is_available():
             raise RuntimeError(
@@ -152,6 +163,11 @@ class TorchDistributedReducer(Reducer):
             raise ValueError(f"bucket_size_mb must be > 0 or None, got {bucket_size_mb!r}")
         if finite_flag not in FINITE_FLAG_MODES:
             raise ValueError(f"finite_flag must be one of {FINITE_FLAG_MODES}, got {finite_flag!r}")
+        if loss_convention not in LOSS_CONVENTIONS:
+            raise ValueError(
+                f"loss_convention must be one of {LOSS_CONVENTIONS}, got {loss_convention!r}"
+            )
+        self.loss_convention = loss_convention
         self.group = group
         self.bucket_size_mb = bucket_size_mb
         self.finite_flag = finite_flag
@@ -166,6 +182,14 @@ class TorchDistributedReducer(Reducer):
         self._steps = 0  # all_finite calls, i.e. optimizer steps
         self._pending_logs: list[tuple[int, Tensor, Any, bool]] = []
         self._triu_cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def _to_global_loss(self, totals: list[Tensor]) -> list[Tensor]:
+        """Under ``loss_convention="local_mean"``: output statistics ÷ W² (see the class doc);
+        applied once, by whichever of reduce / reduce_with_flag is called."""
+        if self.loss_convention == "global":
+            return list(totals)
+        w2 = float(self.world_size) ** 2
+        return [t / w2 if i % 2 else t for i, t in enumerate(totals)]
 
     # -- group ------------------------------------------------------------------------------------
     @property
@@ -187,6 +211,7 @@ class TorchDistributedReducer(Reducer):
         self, totals: list[Tensor], counts: Sequence[int | Tensor]
     ) -> tuple[list[Tensor], list[int | Tensor]]:
         """Σ over ranks of every total and count (counts come back as 0-dim tensors)."""
+        totals = self._to_global_loss(totals)
         if not dist.is_initialized():
             raise RuntimeError("reducer 'torch_distributed': the process group was destroyed")
         if not totals or self.world_size == 1:
@@ -208,6 +233,7 @@ class TorchDistributedReducer(Reducer):
             return reduced, reduced_counts, self.all_finite(flag)
         if self.world_size == 1:
             return list(totals), list(counts), self._log_if_skipped(flag, ~flag, flag)
+        totals = self._to_global_loss(totals)
         reduced, reduced_counts, all_ok = self.launch(totals, counts, flag=flag).wait()
         assert all_ok is not None
         return reduced, reduced_counts, self._log_if_skipped(all_ok, ~flag, all_ok)
