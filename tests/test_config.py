@@ -111,7 +111,13 @@ def test_config_path_resolves_from_another_working_directory(tmp_path, monkeypat
 # -- ablations ----------------------------------------------------------------------------------
 def test_every_ablation_is_tested_here():
     # each one has a test below that checks it changes what it says; add one for a new file
-    assert ABLATIONS == ["no_ema.gin", "no_minmax.gin", "no_norm_fisher.gin", "sqrt.gin"]
+    assert ABLATIONS == [
+        "no_ema.gin",
+        "no_minmax.gin",
+        "no_norm_fisher.gin",
+        "per_sample_scale.gin",
+        "sqrt.gin",
+    ]
 
 
 @pytest.mark.parametrize("name", ABLATIONS)
@@ -176,6 +182,14 @@ def test_no_norm_fisher_ablation_makes_norm_layers_fallback():
     # the full config gives the same norm layers real curvature
     paper = curvlab.build_optimizer(Net().double(), "configs/adafisher.gin")
     assert paper.fallback_parameters() == []
+
+
+def test_per_sample_scale_ablation_scales_output_statistics():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    opt = curvlab.build_optimizer(model, "configs/ablations/per_sample_scale.gin")
+    assert opt.estimator.per_sample is True
+    base = curvlab.build_optimizer(model, "configs/adafisher.gin")
+    assert base.estimator.per_sample is False
 
 
 def test_no_minmax_ablation_uses_identity_normalizer():

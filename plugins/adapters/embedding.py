@@ -22,7 +22,11 @@ class EmbeddingAdapter(LayerAdapter):
     def input_diagonal(
         self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
     ) -> Statistic:
-        counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings).to(dtype)
+        # index_add_ into a fixed-size vector: bincount's output size depends on max(x), which
+        # synchronises with the device
+        idx = x.reshape(-1)
+        counts = torch.zeros(module.num_embeddings, dtype=dtype, device=x.device)
+        counts.index_add_(0, idx, torch.ones(idx.numel(), dtype=dtype, device=x.device))
         return Statistic(counts, x.numel())
 
     def output_diagonal(

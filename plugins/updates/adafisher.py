@@ -63,7 +63,7 @@ class AdaFisherUpdate(UpdateRule):
             # a skipped step keeps β = 1 and adds zero: m and t stay as they are
             torch._foreach_mul_(exp_avgs, torch.where(ok, beta_t, 1.0))
             torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
-            torch._foreach_add_(steps, okf)
+            torch._foreach_add_(steps, okf, alpha=1.0)  # the Tensor overload: no .item()
             # okf / (1 − β^t) for every parameter at once, in the parameters' precision
             # (t ≥ 1: a skipped first step cannot divide by 0); F^{-p} is linear, so the bias
             # correction can be applied after the solve

@@ -87,3 +87,15 @@ def test_banded_between_differs_from_both_ends():
 def test_negative_bandwidth_is_rejected():
     with pytest.raises(ValueError, match="bandwidth"):
         BandedEstimator(bandwidth=-1)
+
+
+def test_diagonal_per_sample_scales_output_statistics_by_batch_size_squared():
+    from curvlab.plugins.estimators.diagonal import DiagonalEstimator
+
+    data = batches(n=1)
+    _, o_raw = train(DiagonalEstimator(), data, gamma=0.0)
+    _, o_ps = train(DiagonalEstimator(per_sample=True), data, gamma=0.0)
+    n = data[0][0].shape[0]
+    for name, state in o_raw.curvature_state.items():
+        torch.testing.assert_close(o_ps.curvature_state[name]["H"], state["H"], rtol=0, atol=0)
+        torch.testing.assert_close(o_ps.curvature_state[name]["S"], state["S"] * n**2, rtol=1e-12, atol=0)
