@@ -24,7 +24,10 @@ def conv_net():
 def batches(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+        (
+            torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (8,), generator=g),
+        )
         for _ in range(n)
     ]
 
@@ -63,7 +66,9 @@ def test_banded_zero_is_exactly_the_diagonal_estimator():
 @pytest.mark.parametrize("normalizer", ["minmax", "identity"])
 def test_banded_wide_equals_full(normalizer):
     data = batches()
-    m_full, o_full = train(curvlab.registry.create("estimators", "full", per_sample=False), data, normalizer=normalizer)
+    m_full, o_full = train(
+        curvlab.registry.create("estimators", "full", per_sample=False), data, normalizer=normalizer
+    )
     m_band, o_band = train(BandedEstimator(bandwidth=1000), data, normalizer=normalizer)
     for (name, p), q in zip(m_full.named_parameters(), m_band.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
@@ -98,4 +103,6 @@ def test_diagonal_per_sample_scales_output_statistics_by_batch_size_squared():
     n = data[0][0].shape[0]
     for name, state in o_raw.curvature_state.items():
         torch.testing.assert_close(o_ps.curvature_state[name]["H"], state["H"], rtol=0, atol=0)
-        torch.testing.assert_close(o_ps.curvature_state[name]["S"], state["S"] * n**2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            o_ps.curvature_state[name]["S"], state["S"] * n**2, rtol=1e-12, atol=0
+        )

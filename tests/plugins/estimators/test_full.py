@@ -62,7 +62,11 @@ def curvlinops_factors(model, loss_func, x, y):
 def test_full_factors_equal_curvlinops_empirical_expand(model):
     torch.manual_seed(0)
     net = model().double()
-    x = torch.randn(7, 6, dtype=torch.float64) if isinstance(net[0], nn.Linear) else torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    x = (
+        torch.randn(7, 6, dtype=torch.float64)
+        if isinstance(net[0], nn.Linear)
+        else torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    )
     y = torch.randint(0, 4, (7,))
     A_ref, G_ref = curvlinops_factors(net, nn.CrossEntropyLoss(), x, y)
 
@@ -132,7 +136,9 @@ def test_kfac_on_deep_linear_network_equals_exact_block_natural_gradient():
         return nn.functional.linear(nn.functional.linear(x, ws[0]), ws[1])
 
     for i, p in enumerate(params):
-        J = torch.autograd.functional.jacobian(lambda w, i=i: f_of(i, w), before[i])  # (N, C, out, in)
+        J = torch.autograd.functional.jacobian(
+            lambda w, i=i: f_of(i, w), before[i]
+        )  # (N, C, out, in)
         J = J.reshape(N * C, -1)
         ggn = J.T @ J / N
         # curvlab: A = (1/N) Σ a aᵀ, G = (1/(C·N)) Σ_c Σ_n (N g_nc)(N g_nc)ᵀ with
@@ -140,7 +146,13 @@ def test_kfac_on_deep_linear_network_equals_exact_block_natural_gradient():
         # and the GGN block is exactly A ⊗ J'ᵀJ'.
         K = ggn
         state = opt.curvature_state[str(i)]
-        torch.testing.assert_close(torch.kron(state["S"][0], state["H"][0]), ggn, rtol=1e-10, atol=1e-12)
-        step = torch.linalg.solve(K + lam * torch.eye(K.shape[0], dtype=K.dtype), grads[i].reshape(-1))
+        torch.testing.assert_close(
+            torch.kron(state["S"][0], state["H"][0]), ggn, rtol=1e-10, atol=1e-12
+        )
+        step = torch.linalg.solve(
+            K + lam * torch.eye(K.shape[0], dtype=K.dtype), grads[i].reshape(-1)
+        )
         # vec is row-major over (out, in); the GGN above uses the same ordering
-        torch.testing.assert_close(before[i] - lr * step.reshape(p.shape), p.detach(), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(
+            before[i] - lr * step.reshape(p.shape), p.detach(), rtol=1e-9, atol=1e-11
+        )
