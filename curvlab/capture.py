@@ -9,6 +9,7 @@ output never receives a gradient commits nothing, so input and output statistics
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -25,6 +26,14 @@ def statistics_dtype(module: nn.Module) -> torch.dtype:
         if p.dtype == torch.float64:
             return torch.float64
     return torch.float32
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Statistics are computed outside autocast; entering the context only when autocast is on
+    keeps the per-hook overhead down."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class CaptureEngine:
@@ -66,7 +75,7 @@ class CaptureEngine:
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
         x = inputs[0]
-        with torch.autocast(output.device.type, enabled=False):
+        with _no_autocast(output.device.type):
             input_stat = self._estimator.input_statistic(
                 record.adapter, module, x.detach(), output.detach(), dtype
             )
@@ -75,7 +84,7 @@ class CaptureEngine:
     def _output_hook(
         self, record: LayerRecord, dtype: torch.dtype, input_stat, grad: Tensor
     ) -> None:
-        with torch.autocast(grad.device.type, enabled=False):
+        with _no_autocast(grad.device.type):
             output_stat = self._estimator.output_statistic(
                 record.adapter, record.module, grad.detach(), dtype
             )

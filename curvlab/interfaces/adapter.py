@@ -76,13 +76,14 @@ class LayerAdapter(ABC):
         params = self.parameters(module)
         weight = params["weight"]
         groups = H.shape[0] if H.dim() == 2 else 1
-        H2 = H.reshape(groups, 1, -1)
-        F = (S.reshape(groups, -1, 1) * H2).reshape(S.shape[0], -1)
-        out = {}
         n_weight = weight[0].numel()
-        out["weight"] = F[:, :n_weight].reshape(weight.shape)
+        H2 = H.reshape(groups, 1, -1)
+        S2 = S.reshape(groups, -1, 1)
+        # the weight block is built contiguous (no slice of a larger matrix): the division
+        # that follows runs on dense memory
+        out = {"weight": (S2 * H2[..., :n_weight]).reshape(weight.shape)}
         if "bias" in params:
-            out["bias"] = F[:, n_weight]
+            out["bias"] = (S2 * H2[..., n_weight:]).reshape(-1)
         return out
 
     # -- rows for the full / banded estimators --------------------------------------------------
