@@ -424,9 +424,8 @@ def setup(
     config: str, bindings: Sequence[str], batch_size: int | None, dtype: torch.dtype, seed: int
 ) -> tuple[nn.Module, Tensor, Tensor, object]:
     """Model, one batch and the natively attached optimizer that ``config`` describes."""
-    from curvlab.experiments import train as _train  # noqa: F401 - registers train.*, models, data
-
     from curvlab.config import make_optimizer, parse_config
+    from curvlab.experiments import train as _train  # noqa: F401 - registers train.*, models, data
 
     parse_config(config, list(bindings) + ['optimizer.backend = "native"'])
     model_ref, data_ref = _query("train.model", None), _query("train.data", None)

@@ -42,5 +42,7 @@ def digits_cnn(width: int = 32, num_classes: int = 10) -> nn.Module:
 
 
 @gin.configurable(module="models")
-def mlp(in_features: int = 64, hidden: tuple[int, ...] = (128, 64), num_classes: int = 10) -> nn.Module:
+def mlp(
+    in_features: int = 64, hidden: tuple[int, ...] = (128, 64), num_classes: int = 10
+) -> nn.Module:
     return MLP(in_features, tuple(hidden), num_classes)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from curvlab.plugins.adapters.conv2d import Conv2dAdapter
 from torch import nn
+
+from curvlab.plugins.adapters.conv2d import Conv2dAdapter
 
 DT = torch.float64
 ADAPTER = Conv2dAdapter()

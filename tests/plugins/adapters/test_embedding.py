@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from curvlab.plugins.adapters.embedding import EmbeddingAdapter
 from torch import nn
+
+from curvlab.plugins.adapters.embedding import EmbeddingAdapter
 
 DT = torch.float64
 ADAPTER = EmbeddingAdapter()

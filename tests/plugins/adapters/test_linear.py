@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from curvlab.plugins.adapters.linear import LinearAdapter
 from torch import nn
+
+from curvlab.plugins.adapters.linear import LinearAdapter
 
 DT = torch.float64
 ADAPTER = LinearAdapter()

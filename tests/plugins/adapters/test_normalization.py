@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from curvlab.plugins.adapters.normalization import (
     BatchNormAdapter,
     GroupNormAdapter,
     LayerNormAdapter,
     RMSNormAdapter,
 )
-from torch import nn
 
 DT = torch.float64
 

@@ -11,10 +11,9 @@ from torch import nn
 
 pytest.importorskip("backpack")
 
+from curvlab import CurvatureOptimizer  # noqa: E402
 from curvlab.experiments.check_curvature import backend_statistics, native_statistics  # noqa: E402
 from curvlab.plugins.backends import UnsupportedLayerError  # noqa: E402
-
-from curvlab import CurvatureOptimizer  # noqa: E402
 
 TOL = 1e-8
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from curvlab.experiments.check_curvature import available_backends
 
 from curvlab.cli import main as cli
+from curvlab.experiments.check_curvature import available_backends
 
 pytestmark = pytest.mark.skipif(not available_backends(), reason="needs backpack or asdl")
 

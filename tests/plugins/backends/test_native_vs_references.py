@@ -6,6 +6,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
+from curvlab import CurvatureOptimizer
 from curvlab.experiments.check_curvature import (
     FISHER_TYPES,
     available_backends,
@@ -13,9 +16,6 @@ from curvlab.experiments.check_curvature import (
     format_table,
     native_statistics,
 )
-from torch import nn
-
-from curvlab import CurvatureOptimizer
 
 TOL = 1e-8
 

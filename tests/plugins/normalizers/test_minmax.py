@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from curvlab.plugins.normalizers.minmax import MinMaxNormalizer
 
 DT = torch.float64

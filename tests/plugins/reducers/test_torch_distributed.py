@@ -22,10 +22,10 @@ import gin
 import pytest
 import torch
 import torch.distributed as dist
-from curvlab.plugins.reducers.torch_distributed import TorchDistributedReducer
 
 import curvlab
 from curvlab import registry
+from curvlab.plugins.reducers.torch_distributed import TorchDistributedReducer
 from tests.plugins.reducers import _dist_worker as worker
 
 ROOT = Path(__file__).resolve().parents[3]

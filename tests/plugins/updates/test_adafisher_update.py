@@ -14,11 +14,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from curvlab.plugins.updates.adafisher import AdaFisherUpdate, AdaFisherWUpdate
 from torch import nn
 
 import curvlab
 from curvlab.interfaces.update import Preconditioner
+from curvlab.plugins.updates.adafisher import AdaFisherUpdate, AdaFisherWUpdate
 
 DT = torch.float64
 

@@ -17,12 +17,19 @@ def model():
 def test_adam_composition_matches_torch_adam(weight_decay):
     ours, ref = model(), model()
     opt = curvlab.build_optimizer(
-        ours, "configs/adam.gin", bindings=[f"optimizer.weight_decay = {weight_decay}", "optimizer.lr = 1e-2"]
+        ours,
+        "configs/adam.gin",
+        bindings=[f"optimizer.weight_decay = {weight_decay}", "optimizer.lr = 1e-2"],
     )
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    ref_opt = torch.optim.Adam(
+        ref.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+    )
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+        x, y = (
+            torch.randn(16, 5, generator=g, dtype=torch.float64),
+            torch.randn(16, 3, generator=g, dtype=torch.float64),
+        )
         for m, o in ((ours, opt), (ref, ref_opt)):
             o.zero_grad()
             nn.functional.mse_loss(m(x), y).backward()
