@@ -1,0 +1,336 @@
+"""The fast paths of the diagonal AdaFisher pipeline (issue 7, item 2), end to end.
+
+* The factors the optimizer *captures* for a ResNet-style block (strided and padded 3×3 convs,
+  a 1×1 strided projection shortcut, BatchNorm, a residual sum, a head) equal a straightforward
+  per-layer computation on a separate copy of the model: im2col of the whole batch with
+  ``F.unfold``, x̂ by hand, output gradients from ``torch.autograd.grad`` (float64, 1e-10) — for
+  one batch and for two micro-batches of different sizes accumulated before ``step()``.
+  (The adapter-level window-sum identity itself is tested in tests/plugins/adapters/test_conv2d.py.)
+* The preconditioner, formed without a Kronecker product, and the foreach update equal
+  ``θ − α g / (kron(minmax S, minmax H) + λ)`` on the first step (float64, 1e-10).
+* No host–device synchronisation inside the hooks or ``step()``: Python-level reads of tensor
+  values (``item``, ``tolist``, ``bool``, ``float``, ``int``, ``index``) raise, and the profiler
+  sees none of the ops that synchronise on CUDA (``aten::item``, ``aten::nonzero``,
+  ``aten::bincount``, ...). On a CUDA machine, ``torch.cuda.set_sync_debug_mode("error")`` is
+  checked as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvlab
+from curvlab.experiments.models import gpt
+
+DT = torch.float64
+LAM = 1e-3
+EPS = 1e-6  # min-max ε
+
+
+class Block(nn.Module):
+    """Stem conv (with bias) + a ResNet basic block with a projection shortcut + a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.short = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = torch.relu(y + self.short(x))
+        return self.fc(y.mean((2, 3)))
+
+
+# -- the straightforward formulas ------------------------------------------------------------------
+def straightforward_rows(m: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """(ā rows, g rows) of one call: ā² and g² averaged over these rows are H and S."""
+    if isinstance(m, nn.Conv2d):
+        patches = F.unfold(
+            x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+        )
+        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, C·kh·kw)
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DT)], 1)
+        return a, g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+    if isinstance(m, nn.BatchNorm2d):
+        mu = x.mean((0, 2, 3), keepdim=True)
+        var = ((x - mu) ** 2).mean((0, 2, 3), keepdim=True)
+        xh = (x - mu) / torch.sqrt(var + m.eps)
+        return xh.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), g.permute(0, 2, 3, 1).reshape(
+            -1, g.shape[1]
+        )
+    if isinstance(m, nn.Linear):
+        a = x.reshape(-1, x.shape[-1])
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DT)], 1)
+        return a, g.reshape(-1, g.shape[-1])
+    raise TypeError(type(m))
+
+
+def reference_factors(model: nn.Module, batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean of ā² and g² over the rows of every call in every micro-batch, per layer."""
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))
+    }
+    rows: dict[str, list] = {n: [] for n in layers}
+    for x, y in batches:
+        seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        handles = [
+            m.register_forward_hook(
+                lambda mod, inp, out, n=n, seen=seen: seen.append((n, inp[0], out))
+            )
+            for n, m in layers.items()
+        ]
+        loss = F.cross_entropy(model(x), y)
+        for h in handles:
+            h.remove()
+        grads = torch.autograd.grad(loss, [out for _, _, out in seen])
+        for (n, inp, _), g in zip(seen, grads):
+            rows[n].append(straightforward_rows(layers[n], inp.detach(), g))
+    out = {}
+    for n, pairs in rows.items():
+        a = torch.cat([p[0] for p in pairs])
+        g = torch.cat([p[1] for p in pairs])
+        out[n] = ((a * a).mean(0), (g * g).mean(0))
+    return out
+
+
+def make_batches(sizes: tuple[int, ...]):
+    g = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(n, 3, 8, 8, generator=g, dtype=DT), torch.randint(0, 5, (n,), generator=g))
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("sizes", [(6,), (4, 3)], ids=["one_batch", "two_micro_batches"])
+def test_captured_factors_equal_straightforward_per_layer_formula(sizes):
+    torch.manual_seed(0)
+    model = Block().double()
+    reference_model = copy.deepcopy(model)  # never hooked by curvlab
+    opt = curvlab.AdaFisher(model, lr=0.0, gamma=0.0)  # γ = 0: the EMA state is this step's Ĥ, Ŝ
+    batches = make_batches(sizes)
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    expected = reference_factors(reference_model, batches)
+    assert set(opt.curvature_state) == set(expected)
+    for name, (H, S) in expected.items():
+        state = opt.curvature_state[name]
+        assert state["H"].dtype == DT
+        torch.testing.assert_close(
+            state["H"].reshape(-1), H, rtol=1e-10, atol=1e-18, msg=f"{name} H"
+        )
+        torch.testing.assert_close(
+            state["S"].reshape(-1), S, rtol=1e-10, atol=1e-18, msg=f"{name} S"
+        )
+
+
+def test_kronecker_free_preconditioner_and_update_equal_kron_formula():
+    torch.manual_seed(0)
+    model = Block().double()
+    reference_model = copy.deepcopy(model)
+    lr = 1e-2
+    opt = curvlab.AdaFisher(model, lr=lr, gamma=0.0, damping=LAM)
+    ((x, y),) = make_batches((6,))
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    factors = reference_factors(reference_model, [(x, y)])
+
+    def minmax(v):
+        return (v - v.min()) / (v.max() - v.min() + EPS)
+
+    modules = dict(model.named_modules())
+    for name, (H, S) in factors.items():
+        m = modules[name]
+        if isinstance(m, nn.BatchNorm2d):
+            expected = {"weight": minmax(S) * minmax(H) + LAM, "bias": minmax(S) + LAM}
+        else:
+            F_full = torch.kron(minmax(S), minmax(H)).reshape(S.numel(), H.numel()) + LAM
+            n_w = m.weight[0].numel()
+            expected = {"weight": F_full[:, :n_w].reshape(m.weight.shape)}
+            if m.bias is not None:
+                expected["bias"] = F_full[:, n_w]
+        for role, F_ref in expected.items():
+            p = getattr(m, role)
+            torch.testing.assert_close(opt.preconditioner(p), F_ref, rtol=1e-10, atol=0)
+            key = f"{name}.{role}"
+            # first step: m̂ = g, so θ₁ = θ₀ − α g / F
+            torch.testing.assert_close(
+                p.detach(), before[key] - lr * grads[key] / F_ref, rtol=1e-10, atol=1e-15, msg=key
+            )
+
+
+# -- no host-device synchronisation --------------------------------------------------
+#: ops that wait for the device on CUDA (a value or an output size must reach the host)
+SYNCING_OPS = {
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::bincount",
+    "aten::unique",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::masked_select",
+    "aten::equal",
+    "aten::is_nonzero",
+    "aten::repeat_interleave",
+    "aten::allclose",
+    "aten::histc",
+}
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_reads(monkeypatch):
+    """Python-level reads of tensor values raise; yields the profiler that saw the ops."""
+
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name}() inside the hooks or step()")
+
+        return read
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with monkeypatch.context() as mp:
+            for name in READS:
+                mp.setattr(torch.Tensor, name, forbidden(name))
+            yield prof
+
+
+def _aten_root(event):
+    """The outermost ATen op that (transitively) called ``event``."""
+    root = event
+    while root.cpu_parent is not None and root.cpu_parent.name.startswith("aten::"):
+        root = root.cpu_parent
+    return root
+
+
+def assert_no_syncing_ops(prof) -> None:
+    """No op from SYNCING_OPS, whether called directly or inside another op (``x[mask]`` runs
+    ``aten::nonzero``). Exception: ``aten::item`` inside a ``_foreach_*`` op with a 0-d tensor
+    scalar (``torch._foreach_add_(steps, ok)``) is the CPU fallback of that op; on CUDA it is one
+    fused kernel that reads the scalar on the device."""
+    offenders = set()
+    for event in prof.events():
+        if event.name not in SYNCING_OPS:
+            continue
+        root = _aten_root(event)
+        if event.name in ("aten::item", "aten::_local_scalar_dense") and root.name.startswith(
+            "aten::_foreach_"
+        ):
+            continue
+        offenders.add(event.name if root is event else f"{event.name} inside {root.name}")
+    assert not offenders, (
+        f"ops that synchronise on CUDA ran in the hooks or step(): {sorted(offenders)}"
+    )
+
+
+class TinyTransformer(nn.Module):
+    """LayerNorm + attention-style Linear layers + GELU MLP on float inputs (no Embedding)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, 5, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln(x)).chunk(3, -1)
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.mlp(x)).mean(1)
+
+
+MODELS = {
+    "block": Block,
+    "transformer": TinyTransformer,
+    # Embedding (token counts), LayerNorm, Linear, a head tied to the embedding
+    "gpt": lambda: gpt(vocab_size=5, context=8, d_model=8, n_layers=1, n_heads=2),
+}
+
+
+def _data(kind: str):
+    g = torch.Generator().manual_seed(5)
+    if kind == "gpt":
+        idx = torch.randint(0, 5, (2, 9), generator=g)
+        return idx[:, :-1], idx[:, 1:]
+    if kind == "block":
+        return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+    return torch.randn(3, 6, 8, generator=g), torch.randint(0, 5, (3,), generator=g)
+
+
+OPTIMIZERS = {
+    "adafisher": lambda m: curvlab.AdaFisher(m, lr=1e-3),
+    "adafisher_k2": lambda m: curvlab.AdaFisher(m, lr=1e-3, curvature_interval=2),
+    "adafisherw": lambda m: curvlab.AdaFisherW(m, lr=1e-3, weight_decay=1e-2),
+    "official_k1": lambda m: curvlab.AdaFisher(
+        m, lr=1e-3, variant="official", curvature_interval=1
+    ),
+}
+
+
+def _train_guarded(which: str, kind: str, monkeypatch, guard_hooks: bool, guard_step: bool):
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    opt = OPTIMIZERS[which](model)
+    x, y = _data(kind)
+    no_guard = contextlib.nullcontext
+    for _ in range(3):  # the first step initialises the state; interval 2 skips a capture
+        opt.zero_grad()
+        with forbid_host_reads(monkeypatch) if guard_hooks else no_guard() as prof:
+            logits = model(x)  # forward hooks
+        loss = F.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))  # the user's code
+        with forbid_host_reads(monkeypatch) if guard_hooks else no_guard() as prof_b:
+            loss.backward()  # output-tensor hooks
+        with forbid_host_reads(monkeypatch) if guard_step else no_guard() as prof_s:
+            opt.step()
+        for p in (prof, prof_b, prof_s):
+            if p is not None:
+                assert_no_syncing_ops(p)
+    assert opt.metrics()["skipped_steps"] == 0
+    assert len(opt.curvature_state) == len(opt.layers)
+
+
+@pytest.mark.filterwarnings("ignore::curvlab.CurvatureFallbackWarning")
+@pytest.mark.parametrize("kind", ["block", "transformer", "gpt"])
+@pytest.mark.parametrize("which", list(OPTIMIZERS))
+def test_no_host_sync_in_hooks_and_step(which, kind, monkeypatch):
+    _train_guarded(which, kind, monkeypatch, guard_hooks=True, guard_step=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("which", list(OPTIMIZERS))
+def test_no_sync_cuda_debug_mode(which):
+    torch.manual_seed(0)
+    model = Block().cuda()
+    opt = OPTIMIZERS[which](model)
+    x, y = (t.cuda() for t in _data("block"))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
