@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.interfaces.adapter import LayerAdapter
 from curvlab.plugins.estimators.full import KroneckerRowsEstimator
 from curvlab.registry import register
 from curvlab.structures import band_to_dense  # noqa: F401 - re-exported for users
@@ -43,30 +42,9 @@ class BandedEstimator(KroneckerRowsEstimator):
         return "diagonal" if self.bandwidth == 0 else "banded"
 
     def layer_structure(self, adapter: LayerAdapter) -> str:
-        if self.bandwidth == 0:
+        if self.bandwidth == 0:  # the diagonal estimator's statistics, by inheritance
             return "diagonal"
         return super().layer_structure(adapter)
-
-    def input_statistic(
-        self,
-        adapter: LayerAdapter,
-        module: nn.Module,
-        x: Tensor,
-        output: Tensor,
-        dtype: torch.dtype,
-    ) -> Statistic:
-        if self.bandwidth == 0:
-            return adapter.input_diagonal(module, x, output, dtype)
-        return super().input_statistic(adapter, module, x, output, dtype)
-
-    def output_statistic(
-        self, adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
-    ) -> Statistic:
-        if self.bandwidth == 0:
-            stat = adapter.output_diagonal(module, grad_output, dtype)
-            scale = self._scale(adapter, module, grad_output)
-            return Statistic(stat.total * scale**2, stat.count) if scale != 1.0 else stat
-        return super().output_statistic(adapter, module, grad_output, dtype)
 
     def second_moment(self, rows: Tensor) -> Tensor:
         return band_of_rows(rows, self.bandwidth)

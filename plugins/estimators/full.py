@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
-from curvlab.interfaces.estimator import FactorEstimator
+from curvlab.plugins.estimators.diagonal import DiagonalEstimator
 from curvlab.registry import register
 
 
@@ -19,7 +19,7 @@ def grouped_output_rows(
     return rows.reshape(rows.shape[0], groups, -1).transpose(0, 1)
 
 
-class KroneckerRowsEstimator(FactorEstimator):
+class KroneckerRowsEstimator(DiagonalEstimator):
     r"""Shared part of the estimators built from rows (full, banded).
 
     ``per_sample=True`` multiplies each call's output gradient by its batch size N, so that for
@@ -31,7 +31,7 @@ class KroneckerRowsEstimator(FactorEstimator):
     """
 
     def __init__(self, per_sample: bool = True) -> None:
-        self.per_sample = bool(per_sample)
+        super().__init__(per_sample=per_sample)
 
     def layer_structure(self, adapter: LayerAdapter) -> str:
         return self.structure if adapter.supports_rows else "diagonal"
@@ -47,19 +47,18 @@ class KroneckerRowsEstimator(FactorEstimator):
         output: Tensor,
         dtype: torch.dtype,
     ) -> Statistic:
-        if not adapter.supports_rows:
-            return adapter.input_diagonal(module, x, output, dtype)
+        if self.layer_structure(adapter) == "diagonal":  # the diagonal estimator's statistics
+            return super().input_statistic(adapter, module, x, output, dtype)
         rows = adapter.input_rows(module, x).to(dtype)
         return Statistic(self.second_moment(rows), rows.shape[1])
 
     def output_statistic(
         self, adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
     ) -> Statistic:
-        scale = self._scale(adapter, module, grad_output)
-        if not adapter.supports_rows:
-            stat = adapter.output_diagonal(module, grad_output, dtype)
-            return Statistic(stat.total * scale**2, stat.count)
+        if self.layer_structure(adapter) == "diagonal":
+            return super().output_statistic(adapter, module, grad_output, dtype)
         rows = grouped_output_rows(adapter, module, grad_output, dtype)
+        scale = self._scale(adapter, module, grad_output)
         if scale != 1.0:
             rows = rows * scale
         return Statistic(self.second_moment(rows), rows.shape[1])
