@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from curvlab.cli import main as cli_main
 from curvlab.experiments import bench
@@ -39,6 +40,8 @@ def test_report_header(report):
         assert report[key] is None or (len(report[key]) == 3 and all(map(_is_number, report[key])))
     assert report["devices"]["cpu"]["type"] == "cpu" and report["devices"]["cpu"]["name"]
     assert report["settings"]["steps"] == 3 and report["settings"]["rounds"] == 2
+    assert report["settings"]["reset_weights_each_round"] is True
+    assert isinstance(report["settings"]["flush_denormal"], bool)
     assert _is_number(report["wall_s"])
 
 
@@ -79,6 +82,12 @@ def test_helpers():
     assert bench.selected("banded", "gpt", ["*:banded"]) is not None
     assert bench.selected("adam", "gpt", ["*:banded"]) is None
     assert bench.selected("adafisherw", "mlp", []) is not None  # GPT only
+
+
+def test_denormal_flushing_is_restored(report):
+    """The in-process run above must not leave flush-to-zero on for the rest of the tests."""
+    tiny = torch.tensor(1e-40, dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0
 
 
 def test_unknown_names_are_reported(tmp_path):
