@@ -47,4 +47,4 @@ class DiagonalEstimator(FactorEstimator):
         return stat
 
     def __repr__(self) -> str:
-        return f"DiagonalEstimator(per_sample={self.per_sample})"
+        return f"{type(self).__name__}(per_sample={self.per_sample})"
