@@ -67,9 +67,16 @@ class CaptureEngine:
             handle.remove()
         self._handles.clear()
 
+    def __deepcopy__(self, memo: dict) -> CaptureEngine:
+        # copying a hooked model (EMA/SWA copies) copies its hooks; they keep pointing at this
+        # engine, and _forward_hook ignores the copy's modules (they are not record.module)
+        return self
+
     def _forward_hook(
         self, record: LayerRecord, dtype: torch.dtype, module: nn.Module, inputs: tuple, output
     ) -> None:
+        if module is not record.module:  # a deep copy of the hooked module
+            return
         if not (self._is_active() and module.training and torch.is_grad_enabled()):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:

@@ -31,6 +31,9 @@ class LayerRecord:
     output_total: Tensor | None = field(default=None, repr=False)
     output_count: int = 0
 
+    def __deepcopy__(self, memo: dict) -> LayerRecord:
+        return self  # see CaptureEngine.__deepcopy__: a copied model's hooks stay inert
+
     def accumulate(self, input_stat: Statistic, output_stat: Statistic) -> None:
         if self.input_total is None:
             self.input_total, self.input_count = input_stat.total, input_stat.count
