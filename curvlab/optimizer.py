@@ -23,7 +23,7 @@ from curvlab.interfaces import (
 )
 from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.layers import FallbackParameter, pair_parameters
-from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors
+from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
@@ -145,6 +145,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._grad_scaler = None
         self.curvature_state: dict[str, dict[str, Tensor]] = {}
         self._skipped: Tensor | None = None
+        self._workspace = Workspace()  # reused curvature buffers (not state: never saved)
         self._warned_uncaptured = False
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
@@ -345,6 +346,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.damping.mode,
             self._fallback_value(damping),
             self._shared,
+            self._workspace,
         )
 
     def _reduce_statistics(

@@ -27,6 +27,7 @@ from torch import nn
 
 import curvlab
 from curvlab.experiments.models import gpt
+from curvlab.interfaces import update as update_interface
 
 DT = torch.float64
 LAM = 1e-3
@@ -211,6 +212,8 @@ def forbid_host_reads(monkeypatch):
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with monkeypatch.context() as mp:
+            # the device path: on CPU the rules may read the finite flag (free there)
+            mp.setattr(update_interface, "READ_CPU_FLAGS", False)
             for name in READS:
                 mp.setattr(torch.Tensor, name, forbidden(name))
             yield prof
@@ -334,3 +337,46 @@ def test_no_sync_cuda_debug_mode(which):
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# -- the CPU flag path and the device path -------------------------------------------------
+def _train_with_nan(opt_factory, read_cpu_flags: bool, monkeypatch) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = Block().double()
+    opt = opt_factory(model)
+    x, y = _data("block")
+    x = x.double()
+    monkeypatch.setattr(update_interface, "READ_CPU_FLAGS", read_cpu_flags)
+    for step in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if step == 2:  # a non-finite gradient: this step must be skipped
+            next(model.parameters()).grad[0] = float("nan")
+        opt.step()
+    assert opt.metrics()["skipped_steps"] == 1
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())}
+    return state, moments
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda m: curvlab.AdaFisher(m, lr=1e-2),
+        lambda m: curvlab.AdaFisher(m, lr=1e-2, weight_decay=1e-2),  # coupled
+        lambda m: curvlab.AdaFisherW(m, lr=1e-2, weight_decay=1e-1),  # decoupled
+        lambda m: curvlab.build_optimizer(m, "configs/ablations/sqrt.gin"),
+    ],
+    ids=["adafisher", "coupled_wd", "adafisherw", "sqrt"],
+)
+def test_cpu_flag_path_equals_device_path(factory, monkeypatch):
+    """Reading the finite flag on CPU (no masking pass) and blending with it on device give
+    the same parameters and state, a skipped step included."""
+    params_cpu, state_cpu = _train_with_nan(factory, True, monkeypatch)
+    params_dev, state_dev = _train_with_nan(factory, False, monkeypatch)
+    for key, value in params_cpu.items():
+        torch.testing.assert_close(params_dev[key], value, rtol=1e-14, atol=1e-15)
+    for i, s in state_cpu.items():
+        for key, value in s.items():
+            torch.testing.assert_close(state_dev[i][key], value, rtol=1e-14, atol=1e-15)

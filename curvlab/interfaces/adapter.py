@@ -66,24 +66,41 @@ class LayerAdapter(ABC):
     ) -> Statistic:
         """Σ over rows of g², accumulated in ``dtype`` (one entry per output feature)."""
 
-    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
-        """Un-damped diagonal curvature per role from (normalised) factors, shaped like the params.
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Un-damped diagonal curvature per role as a broadcast product ``left * right``.
+
+        ``left * right`` (``right`` None: ``left`` alone) must broadcast to a contiguous shape
+        whose row-major layout is the parameter's (same number of entries). The core writes the
+        product straight into a buffer it reuses across steps, so a diagonal Fisher costs one
+        pass over the parameter and nothing is allocated.
 
         Default: Kronecker layout, ``F[o, i] = S[o] · H[i]`` for the (out, in[+1]) matrix view,
         last column → bias. ``H`` may carry a leading group dimension (grouped convolutions):
         output channel ``o`` of group ``k`` then uses ``H[k]``.
         """
         params = self.parameters(module)
-        weight = params["weight"]
         groups = H.shape[0] if H.dim() == 2 else 1
-        n_weight = weight[0].numel()
+        n_weight = params["weight"][0].numel()
         H2 = H.reshape(groups, 1, -1)
         S2 = S.reshape(groups, -1, 1)
-        # the weight block is built contiguous (no slice of a larger matrix): the division
-        # that follows runs on dense memory
-        out = {"weight": (S2 * H2[..., :n_weight]).reshape(weight.shape)}
+        out: dict[str, tuple[Tensor, Tensor | None]] = {"weight": (S2, H2[..., :n_weight])}
         if "bias" in params:
-            out["bias"] = (S2 * H2[..., n_weight:]).reshape(-1)
+            out["bias"] = (S2, H2[..., n_weight:])
+        return out
+
+    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
+        """Un-damped diagonal curvature per role, shaped like the parameters (new tensors).
+
+        Derived from :meth:`curvature_terms`. An adapter may override this method instead
+        (any layout); the core then copies its result into the reused buffer (one extra pass).
+        """
+        params = self.parameters(module)
+        out = {}
+        for role, (left, right) in self.curvature_terms(module, H, S).items():
+            value = left if right is None else left * right
+            out[role] = value.reshape(params[role].shape)
         return out
 
     # -- rows for the full / banded estimators --------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -17,9 +18,41 @@ class Preconditioner(ABC):
     ) -> list[Tensor]:
         """``F^{-power} v`` for each ``(param, v)`` pair (new tensors)."""
 
+    def add_solved_(
+        self,
+        params: list[Tensor],
+        tensors: list[Tensor],
+        alpha: float,
+        power: float = 1.0,
+        divisors: list[Tensor] | None = None,
+    ) -> None:
+        """``θ += α · F^{-power} v / d`` in place for every ``(θ, v, d)``; a divisor ``d``
+        (0-dim tensor) of ``inf`` leaves θ unchanged. Implementations fuse this (no new
+        parameter-sized tensors); this default goes through :meth:`solve`."""
+        directions = self.solve(params, tensors, power)
+        if divisors is not None:
+            directions = torch._foreach_div(directions, divisors)
+        torch._foreach_add_(params, directions, alpha=alpha)
+
     @abstractmethod
     def dense_diagonal(self, param: Tensor) -> Tensor:
         """The diagonal of ``F`` for ``param`` (damping included), shaped like the parameter."""
+
+
+#: reading a 0-dim CPU tensor costs nothing (there is no device to wait for), so on CPU the
+#: rules may branch on the step's finite flag; tests switch this off to run the device path
+READ_CPU_FLAGS = True
+
+
+def known_flag(flag: Tensor) -> bool | None:
+    """The value of a 0-dim bool flag when reading it is free (a CPU tensor), else ``None``.
+
+    On CUDA reading it would wait for the device, so rules blend with the tensor instead; on
+    CPU, knowing it saves a masking pass over every gradient.
+    """
+    if READ_CPU_FLAGS and flag.device.type == "cpu":
+        return bool(flag)
+    return None
 
 
 #: one param group's share of a step: (group dict, params with grads, their grads, their states)
@@ -30,7 +63,8 @@ class UpdateRule(ABC):
     """One step of all param groups: ``update(work, precond, ok)``.
 
     All groups come in one call so that a layer whose weight and bias sit in different groups
-    is still preconditioned jointly (one ``precond.solve`` over every parameter).
+    is still preconditioned jointly (one ``precond.solve`` or ``precond.add_solved_`` over
+    every parameter).
 
     ``ok`` is a 0-dim bool tensor (on the parameters' device): when False the step must leave
     parameters and state unchanged; rules blend with it instead of branching in Python.

@@ -35,5 +35,7 @@ class EmbeddingAdapter(LayerAdapter):
         rows = grad_output.numel() // grad_output.shape[-1]
         return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
 
-    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
-        return {"weight": H[:, None] * S[None, :]}
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        return {"weight": (H[:, None], S[None, :])}

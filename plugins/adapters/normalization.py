@@ -41,10 +41,12 @@ class ElementwiseAffineAdapter(LayerAdapter):
         total = square_sum(grad_output, dims, dtype).reshape(module.weight.shape)
         return Statistic(total, _numel(grad_output, dims))
 
-    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
-        out = {"weight": H * S}
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        out: dict[str, tuple[Tensor, Tensor | None]] = {"weight": (H, S)}
         if "bias" in self.parameters(module):
-            out["bias"] = S
+            out["bias"] = (S, None)
         return out
 
 

@@ -55,11 +55,12 @@ class OfficialTwoEntryAdapter(LayerAdapter):
 
     exact_type = True
 
-    def curvature(self, module: nn.Module, H: Tensor, S: Tensor) -> dict[str, Tensor]:
-        F2 = S[:, None] * H[None, :]
-        out = {"weight": F2[:, 0].reshape(module.weight.shape)}
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        out: dict[str, tuple[Tensor, Tensor | None]] = {"weight": (S, H[0])}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = F2[:, 1].reshape(module.bias.shape)
+            out["bias"] = (S, H[1])
         return out
 
 

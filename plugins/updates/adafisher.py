@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curvlab.interfaces.update import GroupWork, Preconditioner, UpdateRule
+from curvlab.interfaces.update import GroupWork, Preconditioner, UpdateRule, known_flag
 from curvlab.registry import register
 from curvlab.validation import check_range
 
@@ -51,38 +52,48 @@ class AdaFisherUpdate(UpdateRule):
     def update(self, work: list[GroupWork], precond: Preconditioner, ok: Tensor) -> None:
         if not work:
             return
-        okf = ok.to(torch.float32)
-        all_params, all_moments, all_coefs = [], [], []
+        known = known_flag(ok)
+        if known is False:
+            return  # a skipped step changes nothing
+        all_params, all_moments, all_divisors = [], [], []
         for group, params, grads, states in work:
-            beta, wd = group["beta"], group["weight_decay"]
-            grads = masked_grads(grads, params, 0.0 if self.decoupled_weight_decay else wd, ok)
+            beta, lr, wd = group["beta"], group["lr"], group["weight_decay"]
             exp_avgs = [s["exp_avg"] for s in states]
             steps = [s["step"] for s in states]
             dtype = exp_avgs[0].dtype
-            beta_t = torch.full((), beta, dtype=dtype, device=ok.device)
-            # a skipped step keeps β = 1 and adds zero: m and t stay as they are
-            torch._foreach_mul_(exp_avgs, torch.where(ok, beta_t, 1.0))
-            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
-            torch._foreach_add_(steps, okf, alpha=1.0)  # the Tensor overload: no .item()
-            # okf / (1 − β^t) for every parameter at once, in the parameters' precision
-            # (t ≥ 1: a skipped first step cannot divide by 0); F^{-p} is linear, so the bias
-            # correction can be applied after the solve
+            coupled = 0.0 if self.decoupled_weight_decay else wd
+            if known:
+                # m ← β m + (1−β)(g + κθ), nothing allocated
+                torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
+                if coupled:
+                    torch._foreach_add_(exp_avgs, params, alpha=(1.0 - beta) * coupled)
+                torch._foreach_add_(steps, 1.0)
+            else:
+                # on device: zeroed gradients and weight 0 on a skipped step keep m exactly
+                weight = torch.where(
+                    ok, torch.tensor(1.0 - beta, dtype=dtype, device=ok.device), 0.0
+                )
+                torch._foreach_lerp_(
+                    exp_avgs, masked_grads(grads, params, 0.0, ok), [weight] * len(exp_avgs)
+                )
+                if coupled:
+                    torch._foreach_add_(exp_avgs, torch._foreach_mul(params, weight * coupled))
+                # alpha selects the Tensor overload: a 0-dim tensor alone would be read with .item()
+                torch._foreach_add_(steps, ok.to(torch.float32), alpha=1.0)
+            # θ −= α m̂ / F with m̂ = m / (1 − β^t): the bias correction and α travel as one
+            # divisor per parameter, (1 − β^t) / α (t ≥ 1: a skipped first step cannot give 0);
+            # inf on a skipped step, which leaves θ unchanged
             t = torch.stack(steps).to(dtype).clamp_min(1.0)
-            coefs = (okf.to(dtype) / (1.0 - torch.pow(beta_t, t))).unbind()
+            divisors = (1.0 - torch.pow(beta, t)) / lr if lr > 0 else torch.full_like(t, math.inf)
+            if not known:
+                divisors = torch.where(ok, divisors, math.inf)
+            if wd != 0 and self.decoupled_weight_decay:
+                decay = 1.0 - lr * wd if known else 1.0 - (lr * wd) * ok.to(dtype)
+                torch._foreach_mul_(params, decay)
             all_params += params
             all_moments += exp_avgs
-            all_coefs += coefs
-        directions = precond.solve(all_params, all_moments, self.power)
-        torch._foreach_mul_(directions, all_coefs)
-        start = 0
-        for group, params, _, _ in work:
-            lr, wd = group["lr"], group["weight_decay"]
-            step_dirs = directions[start : start + len(params)]
-            start += len(params)
-            if wd != 0 and self.decoupled_weight_decay:
-                decay = ok.to(params[0].dtype) * wd  # κ, or 0 on a skipped step
-                torch._foreach_add_(step_dirs, torch._foreach_mul(params, decay))
-            torch._foreach_add_(params, step_dirs, alpha=-lr)
+            all_divisors += divisors.unbind()
+        precond.add_solved_(all_params, all_moments, -1.0, self.power, all_divisors)
 
     def __repr__(self) -> str:
         return (
