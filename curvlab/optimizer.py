@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from curvlab import registry
 from curvlab.capture import statistics_dtype
+from curvlab.factor_store import DiagonalFactorStore
 from curvlab.interfaces import (
     Backend,
     DampingPolicy,
@@ -144,8 +145,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._capture_paused = False
         self._grad_scaler = None
         self.curvature_state: dict[str, dict[str, Tensor]] = {}
+        #: diagonal layers' factors, packed; their curvature_state entries are views into it
+        self._diagonal = DiagonalFactorStore(self.curvature_state)
         self._skipped: Tensor | None = None
         self._workspace = Workspace()  # reused curvature buffers (not state: never saved)
+        self._terms_cache: tuple[object, dict] = (None, {})
         self._warned_uncaptured = False
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
@@ -176,6 +180,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _pair_layers(self) -> None:
         self.backend.detach()
+        self._terms_cache = (None, {})  # products are per layer record
         if self.estimator.structure == "elementwise":  # every parameter has its own curvature
             self.layers, self._fallback, self._shared = [], [], set()
             self._layer_by_name = {}
@@ -286,24 +291,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _layer_factors(self) -> dict[str, LayerFactors]:
         """Normalised factors per layer: entries (diagonal) or eigenpairs (banded/full)."""
+        paper = self.ema == "paper"
+        # paper: normalised, and identity (H' = S' = 1) until the first accepted update
+        diagonal = self._diagonal.factors(self.normalizer if paper else None, guard=paper)
         out = {}
         for record in self.layers:
-            state = self.curvature_state.get(record.name)
-            if state is None:
-                continue
-            updated = state["updated"]
-            if record.structure == "diagonal":
-                H, S = state["H"], state["S"]
-                if self.ema == "paper":
-                    H, S = self.normalizer(H, "diagonal"), self.normalizer(S, "diagonal")
-                    # identity curvature (H' = S' = 1) until the first accepted update
-                    H, S = torch.where(updated, H, 1.0), torch.where(updated, S, 1.0)
+            if record.name in diagonal:
+                H, S = diagonal[record.name]
                 out[record.name] = LayerFactors("diagonal", H, S)
-            else:
-                valid = state.get("eigen_valid", updated)
-                LH = torch.where(valid, self.normalizer(state["LH"], "spectrum"), 1.0)
-                LS = torch.where(valid, self.normalizer(state["LS"], "spectrum"), 1.0)
-                out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
+                continue
+            state = self.curvature_state.get(record.name)
+            if state is None or record.structure == "diagonal":
+                continue
+            valid = state.get("eigen_valid", state["updated"])
+            LH = torch.where(valid, self.normalizer(state["LH"], "spectrum"), 1.0)
+            LS = torch.where(valid, self.normalizer(state["LS"], "spectrum"), 1.0)
+            out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
         return out
 
     def _refresh_eigenbases(self, only_missing: bool = False) -> None:
@@ -338,21 +341,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _make_preconditioner(self) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
-        return CurvaturePreconditioner(
+        mode = self.damping.mode
+        # the diagonal layers' products only view the packed factors, which are refreshed in
+        # place: they stay valid until a re-pack (factored damping adds λ to the factors, so
+        # its products are rebuilt every step)
+        key = (self._diagonal.layout_version, self.ema) if mode != "factored" else None
+        cached = self._terms_cache[1] if key is not None and self._terms_cache[0] == key else None
+        precond = CurvaturePreconditioner(
             self.layers,
             self._layer_factors(),
             self._elementwise_curvature(),
             damping,
-            self.damping.mode,
+            mode,
             self._fallback_value(damping),
             self._shared,
             self._workspace,
+            diagonal_terms=cached,
         )
+        if key is not None:
+            self._terms_cache = (key, precond.diagonal_terms)
+        return precond
 
     def _reduce_statistics(
         self, grads: list[Tensor], device: torch.device
-    ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
-        """This step's factor means per layer (summed over ranks) and the step's finite flag.
+    ) -> tuple[dict[str, tuple[Tensor, Tensor, Any, Any]], Tensor]:
+        """This step's factor totals and row counts per layer (summed over ranks), and the
+        step's finite flag: ``{name: (H_total, S_total, H_count, S_count)}``.
 
         The flag covers the gradients and the local statistics on every rank; with statistics
         to reduce it travels in the same collective (``Reducer.reduce_with_flag``).
@@ -367,12 +381,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if scale is not None:  # output statistics (odd entries) carry the loss scale squared
             for i in range(1, len(totals), 2):
                 totals[i] = totals[i] / scale.to(totals[i].dtype).square()
-        local_ok = self._local_finite(grads + totals, device)
+        # the small statistics checked as one vector per dtype (one norm, not one per layer)
+        packed: dict[torch.dtype, list[Tensor]] = {}
+        for t in totals:
+            packed.setdefault(t.dtype, []).append(t.reshape(-1))
+        local_ok = self._local_finite(grads + [torch.cat(v) for v in packed.values()], device)
         if not records:
             return {}, self.reducer.all_finite(local_ok)
         totals, counts, ok = self.reducer.reduce_with_flag(totals, counts, local_ok)
         stats = {
-            r.name: (totals[2 * i] / counts[2 * i], totals[2 * i + 1] / counts[2 * i + 1])
+            r.name: (totals[2 * i], totals[2 * i + 1], counts[2 * i], counts[2 * i + 1])
             for i, r in enumerate(records)
         }
         return stats, ok
@@ -394,27 +412,39 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             norms += torch._foreach_norm(low, 2, dtype=torch.float32)
         return torch.stack([n.to(torch.float32) for n in norms]).sum().isfinite()
 
-    def _update_factors(self, stats: dict[str, tuple[Tensor, Tensor]], ok: Tensor) -> None:
+    def _update_factors(
+        self, stats: dict[str, tuple[Tensor, Tensor, Any, Any]], ok: Tensor
+    ) -> None:
         g = self.gamma
-        for name, (H_hat, S_hat) in stats.items():
+        paper = self.ema == "paper"
+        diagonal = {
+            name: stat
+            for name, stat in stats.items()
+            if self._layer_by_name[name].structure == "diagonal"
+        }
+        if diagonal:
+            if paper:
+                blend = lambda ema, estimate: g * ema + (1.0 - g) * estimate  # noqa: E731
+            else:  # official: normalised estimates, blended with 0.1γ and 0.01γ (SPEC §3)
+                blend = lambda ema, estimate: (0.1 * g) * ema + (0.01 * g) * estimate  # noqa: E731
+            self._diagonal.update(
+                diagonal, ok, blend, 0.0 if paper else 1.0, None if paper else self.normalizer
+            )
+        for name, (H_total, S_total, H_count, S_count) in stats.items():
+            if name in diagonal:
+                continue
+            H_hat, S_hat = H_total / H_count, S_total / S_count
             state = self.curvature_state.get(name)
             if state is None:
-                init = torch.zeros_like if self.ema == "paper" else torch.ones_like
                 state = {
-                    "H": init(H_hat),
-                    "S": init(S_hat),
+                    "H": torch.zeros_like(H_hat),
+                    "S": torch.zeros_like(S_hat),
                     "updated": torch.zeros((), dtype=torch.bool, device=H_hat.device),
                 }
                 self.curvature_state[name] = state
-            if self.ema == "paper":
-                new_H = g * state["H"] + (1.0 - g) * H_hat
-                new_S = g * state["S"] + (1.0 - g) * S_hat
-            else:
-                structure = self.estimator.structure
-                new_H = (0.1 * g) * state["H"] + (0.01 * g) * self.normalizer(H_hat, structure)
-                new_S = (0.1 * g) * state["S"] + (0.01 * g) * self.normalizer(S_hat, structure)
-            state["H"] = torch.where(ok, new_H, state["H"])
-            state["S"] = torch.where(ok, new_S, state["S"])
+            # (official EMA is diagonal-only, checked in __init__)
+            state["H"] = torch.where(ok, g * state["H"] + (1.0 - g) * H_hat, state["H"])
+            state["S"] = torch.where(ok, g * state["S"] + (1.0 - g) * S_hat, state["S"])
             state["updated"] = state["updated"] | ok
 
     def _update_elementwise(self, work: list, ok: Tensor) -> None:
@@ -567,7 +597,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
         super().load_state_dict(state_dict)
         device = self._device()
-        self.curvature_state = {}
+        self.curvature_state.clear()  # the same dict: the diagonal store holds it
         for name, state in curvature["layers"].items():
             record = self._layer_by_name[name]
             dtype = statistics_dtype(record.module)
@@ -576,6 +606,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 for k, v in state.items()
             }
             record.captured = True
+        self._diagonal.adopt(
+            [n for n in self.curvature_state if self._layer_by_name[n].structure == "diagonal"]
+        )
         self._step = int(curvature["step"])
         skipped = curvature.get("skipped_steps")
         self._skipped = None if skipped is None else skipped.to(device).clone()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,6 +61,14 @@ class Workspace:
         self._buffers.clear()
 
 
+class _Divisor(NamedTuple):
+    """A per-parameter divisor d of the update, its finite part (inf → 0) and λ·d."""
+
+    value: Tensor
+    finite: Tensor
+    damped: Tensor
+
+
 #: one term of a diagonal curvature: ``left * right`` (right None: left alone)
 Term = tuple[Tensor, "Tensor | None"]
 
@@ -94,39 +103,52 @@ class CurvaturePreconditioner(Preconditioner):
         fallback_value: float,
         shared: set[int],
         workspace: Workspace | None = None,
+        diagonal_terms: dict[int, list[Term]] | None = None,
     ) -> None:
         self.damping = damping
         self.mode = mode
         self.fallback_value = fallback_value
         self.elementwise = elementwise
         self.workspace = workspace if workspace is not None else Workspace()
-        #: undamped (or factored-damped) diagonal curvature as broadcast products
-        self.terms: dict[int, list[Term]] = {}
         self.joint: list[tuple[LayerRecord, LayerFactors]] = []
+        #: terms of the diagonal-structure layers (first in every parameter's list); they
+        #: only view the factors, so a caller may pass them back in while the factors' storage
+        #: stays the same (``diagonal_terms``) instead of rebuilding them every step
+        self.diagonal_terms: dict[int, list[Term]] = {}
+        derived: list[tuple[LayerRecord, Tensor, Tensor]] = []
         for record in layers:
             factors = layer_factors.get(record.name)
             if factors is None:
                 continue
-            uses_shared = any(id(p) in shared for p in record.params.values())
-            if factors.structure == "eigen" and not uses_shared:
-                self.joint.append((record, factors))
+            if factors.structure == "diagonal":
+                if diagonal_terms is None:
+                    self._add_terms(self.diagonal_terms, record, factors.H, factors.S)
                 continue
-            H, S = (
-                (factors.H, factors.S)
-                if factors.structure == "diagonal"
-                else self._diag_of(factors)
-            )
-            if mode == "factored":
-                pi = split_pi(H, S)
-                root = math.sqrt(damping)
-                H, S = H + pi * root, S + root / pi
-            adapter, module = record.adapter, record.module
-            if uses_curvature_terms(adapter):
-                terms = adapter.curvature_terms(module, H, S)
-            else:  # a plugin that maps factors onto parameters itself
-                terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
-            for role, term in terms.items():
-                self.terms.setdefault(id(record.params[role]), []).append(term)
+            if not any(id(p) in shared for p in record.params.values()):
+                self.joint.append((record, factors))
+            else:  # a shared parameter uses the eigen factors' diagonals
+                derived.append((record, *self._diag_of(factors)))
+        if diagonal_terms is not None:
+            self.diagonal_terms = diagonal_terms
+        #: undamped (or factored-damped) diagonal curvature per parameter, as broadcast products
+        self.terms: dict[int, list[Term]] = {k: list(v) for k, v in self.diagonal_terms.items()}
+        for record, H, S in derived:
+            self._add_terms(self.terms, record, H, S)
+
+    def _add_terms(
+        self, out: dict[int, list[Term]], record: LayerRecord, H: Tensor, S: Tensor
+    ) -> None:
+        if self.mode == "factored":
+            pi = split_pi(H, S)
+            root = math.sqrt(self.damping)
+            H, S = H + pi * root, S + root / pi
+        adapter, module = record.adapter, record.module
+        if uses_curvature_terms(adapter):
+            terms = adapter.curvature_terms(module, H, S)
+        else:  # a plugin that maps factors onto parameters itself
+            terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
+        for role, term in terms.items():
+            out.setdefault(id(record.params[role]), []).append(term)
 
     @staticmethod
     def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:
@@ -138,12 +160,7 @@ class CurvaturePreconditioner(Preconditioner):
     # -- diagonal curvature into a buffer ------------------------------------------------------
     @staticmethod
     def _write_terms(out: Tensor, terms: list[Term], scale: Tensor | None = None) -> Tensor:
-        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape).
-
-        An infinite scale gives zeros here (not 0·inf = NaN); the caller adds ``λ · scale``.
-        """
-        if scale is not None:
-            scale = scale.nan_to_num(posinf=0.0)
+        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape)."""
         for k, (left, right) in enumerate(terms):
             if scale is not None:
                 left = left * scale  # small: a factor vector, not the parameter
@@ -158,18 +175,22 @@ class CurvaturePreconditioner(Preconditioner):
     def _terms_dtype(self, key: int) -> torch.dtype:
         return self.terms[key][0][0].dtype
 
-    def _diagonal_denominator(self, param: Tensor, power: float, divisor: Tensor | None) -> Tensor:
-        """``(F^p) · divisor`` of a diagonal-curvature parameter, in its workspace buffer."""
+    def _diagonal_denominator(
+        self, param: Tensor, power: float, divisor: _Divisor | None
+    ) -> Tensor:
+        """``(F^p) · d`` of a diagonal-curvature parameter, in its workspace buffer."""
         key = id(param)
         terms = self.terms[key]
         buf = self.workspace.buffer(param, self._terms_dtype(key))
         if self.mode == "after_product" and power == 1.0:
-            # (Σ l·r + λ)·d = Σ (l·d)·r + λ·d: the divisor rides on the small factor vectors
-            self._write_terms(buf, terms, divisor)
-            return buf.add_(self.damping if divisor is None else divisor * self.damping)
+            if divisor is None:
+                return self._write_terms(buf, terms).add_(self.damping)
+            # (Σ l·r + λ)·d = Σ (l·d)·r + λ·d: d rides on the small factor vectors; an
+            # infinite d writes zeros there (not 0·inf = NaN) and λ·d = inf
+            return self._write_terms(buf, terms, divisor.finite).add_(divisor.damped)
         self._write_terms(buf, terms)
         buf = self._damp_(buf, power)
-        return buf if divisor is None else buf.mul_(divisor)
+        return buf if divisor is None else buf.mul_(divisor.value)
 
     def _damp_(self, F: Tensor, power: float) -> Tensor:
         """What the update divides by, in place: (F + λ)^p, F^p + λ, or (factored) F^p."""
@@ -232,11 +253,12 @@ class CurvaturePreconditioner(Preconditioner):
         unchanged."""
         joint: list[Tensor | None] = [None] * len(params)
         self._solve_joint(params, tensors, power, joint)
+        prepared = self._prepare_divisors(divisors) if divisors is not None else None
         same_p, same_v, same_den = [], [], []
         for i, p in enumerate(params):
-            divisor = None if divisors is None else divisors[i]
+            divisor = None if prepared is None else prepared[i]
             if joint[i] is not None:
-                d = joint[i] if divisor is None else joint[i] / divisor
+                d = joint[i] if divisor is None else joint[i] / divisor.value
                 p.add_(d.to(p.dtype), alpha=alpha)
                 continue
             den = self._elementwise_or_diagonal(p, power, divisor)
@@ -245,7 +267,7 @@ class CurvaturePreconditioner(Preconditioner):
                 den = torch.full(
                     (), value, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device
                 )
-                den = den if divisor is None else den * divisor
+                den = den if divisor is None else den * divisor.value
             if den.dim() and den.dtype == p.dtype == tensors[i].dtype:
                 same_p.append(p)
                 same_v.append(tensors[i])
@@ -255,6 +277,20 @@ class CurvaturePreconditioner(Preconditioner):
         if same_p:
             torch._foreach_addcdiv_(same_p, same_v, same_den, value=alpha)
 
+    def _prepare_divisors(self, divisors: list[Tensor]) -> list[_Divisor]:
+        """Each divisor with its finite part and λ·d, computed for all parameters at once."""
+        by_dtype: dict[tuple, list[int]] = {}
+        for i, d in enumerate(divisors):
+            by_dtype.setdefault((d.dtype, d.device), []).append(i)
+        out: list[_Divisor | None] = [None] * len(divisors)
+        for indices in by_dtype.values():
+            d = torch.stack([divisors[i] for i in indices])
+            finite = d.nan_to_num(posinf=0.0).unbind()
+            damped = (d * self.damping).unbind()
+            for k, i in enumerate(indices):
+                out[i] = _Divisor(divisors[i], finite[k], damped[k])
+        return out  # type: ignore[return-value]
+
     def _elementwise_or_diagonal(
         self, param: Tensor, power: float, divisor: Tensor | None
     ) -> Tensor | None:
@@ -262,7 +298,7 @@ class CurvaturePreconditioner(Preconditioner):
         if F is not None:
             den = self._denominator(F, power)
             if divisor is not None:
-                den = den * divisor if den is F else den.mul_(divisor)
+                den = den * divisor.value if den is F else den.mul_(divisor.value)
             return den
         if id(param) in self.terms:
             return self._diagonal_denominator(param, power, divisor)

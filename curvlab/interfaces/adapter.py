@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from curvlab.scratch import scratch
+
 
 class Statistic(NamedTuple):
     """A raw factor statistic as a *sum* over ``count`` rows (mean = total / count).
@@ -177,4 +179,6 @@ def square_sum(x: Tensor, dims: int | tuple[int, ...], dtype: torch.dtype) -> Te
             return torch.linalg.vector_norm(x, 2, dim=dims_t, dtype=dtype).square()
         return torch.linalg.vector_norm(x.to(dtype), 2, dim=dims_t).square()
     x = x.to(dtype)
+    if x.device.type == "cpu":  # the temporary x² in reused memory (curvlab.scratch)
+        return torch.mul(x, x, out=scratch(x.shape, dtype, x.device)).sum(dims_t)
     return (x * x).sum(dims_t)

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Consecutive factors packed in one flat vector: ``sizes[k]`` entries for factor ``k``;
+    ``ids[j]`` is the factor of entry ``j`` (a long tensor on the vector's device)."""
+
+    sizes: tuple[int, ...]
+    ids: Tensor
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+    @classmethod
+    def of(cls, sizes: tuple[int, ...], device: torch.device) -> Segments:
+        # built on the host (numpy): the layout is known there, no device op is needed
+        ids = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device)
+        return cls(tuple(sizes), ids)
 
 
 class Normalizer(ABC):
@@ -15,10 +37,20 @@ class Normalizer(ABC):
       affine map in ``I`` keeps the eigenvectors, so normalising the spectrum is exact).
 
     For a diagonal matrix both agree, which is why ``banded(0)`` equals ``diagonal``.
+
+    The core keeps every diagonal factor of a model in one flat vector and calls
+    :meth:`normalize_segments` once per step; override it with a vectorised version (see
+    ``minmax``) to turn one call per factor into a few ops for the whole model.
     """
 
     @abstractmethod
     def __call__(self, values: Tensor, structure: str = "diagonal") -> Tensor: ...
+
+    def normalize_segments(self, flat: Tensor, segments: Segments) -> Tensor:
+        """Each diagonal factor packed in ``flat`` normalised on its own (a new vector).
+        Default: one :meth:`__call__` per factor."""
+        parts = flat.split(segments.sizes)
+        return torch.cat([self(part, "diagonal") for part in parts])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvlab.interfaces.normalizer import Normalizer
+from curvlab.interfaces.normalizer import Normalizer, Segments
 from curvlab.registry import register
 
 
@@ -14,3 +14,6 @@ class IdentityNormalizer(Normalizer):
 
     def __call__(self, factor: Tensor, structure: str = "diagonal") -> Tensor:
         return factor
+
+    def normalize_segments(self, flat: Tensor, segments: Segments) -> Tensor:
+        return flat

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from curvlab.interfaces.normalizer import Normalizer
+from curvlab.interfaces.normalizer import Normalizer, Segments
 from curvlab.registry import register
 
 
@@ -34,6 +34,18 @@ class MinMaxNormalizer(Normalizer):
             x = torch.where(x == -math.inf, 0.0, x)
         lo, hi = torch.aminmax(x)
         return (x - lo) / (hi - lo + self.eps)
+
+    def normalize_segments(self, flat: Tensor, segments: Segments) -> Tensor:
+        """Every factor at once: per-factor extremes by a scatter reduction, then the same
+        elementwise formula as :meth:`__call__` (bitwise the same result)."""
+        x = flat
+        if self.map_infinities:
+            x = torch.where(x == math.inf, 1.0, x)
+            x = torch.where(x == -math.inf, 0.0, x)
+        ids = segments.ids
+        lo = x.new_full((segments.count,), math.inf).scatter_reduce_(0, ids, x, "amin")
+        hi = x.new_full((segments.count,), -math.inf).scatter_reduce_(0, ids, x, "amax")
+        return (x - lo[ids]) / (hi - lo + self.eps)[ids]
 
     def __repr__(self) -> str:
         return f"MinMaxNormalizer(eps={self.eps:g}, map_infinities={self.map_infinities})"
