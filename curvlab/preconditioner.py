@@ -69,8 +69,28 @@ class _Divisor(NamedTuple):
     damped: Tensor
 
 
-#: one term of a diagonal curvature: ``left * right`` (right None: left alone)
-Term = tuple[Tensor, "Tensor | None"]
+class Term(NamedTuple):
+    """One term of a diagonal curvature: ``left * right`` (right None: left alone), viewed
+    as ``shape`` (their broadcast shape, computed once: ``torch.broadcast_shapes`` costs more
+    than the product for small layers)."""
+
+    left: Tensor
+    right: Tensor | None
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, left: Tensor, right: Tensor | None) -> Term:
+        if right is None:
+            return cls(left, None, tuple(left.shape))
+        a, b = tuple(left.shape), tuple(right.shape)
+        n = max(len(a), len(b))
+        a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+        shape = tuple(x if y == 1 else y for x, y in zip(a, b))
+        if any(x not in (1, y) for x, y in zip(a, shape)) or any(
+            y not in (1, x) for x, y in zip(shape, b)
+        ):
+            raise ValueError(f"curvature terms of shapes {a} and {b} do not broadcast")
+        return cls(left, right, shape)
 
 
 def uses_curvature_terms(adapter: object) -> bool:
@@ -147,8 +167,8 @@ class CurvaturePreconditioner(Preconditioner):
             terms = adapter.curvature_terms(module, H, S)
         else:  # a plugin that maps factors onto parameters itself
             terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
-        for role, term in terms.items():
-            out.setdefault(id(record.params[role]), []).append(term)
+        for role, (left, right) in terms.items():
+            out.setdefault(id(record.params[role]), []).append(Term.of(left, right))
 
     @staticmethod
     def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:
@@ -161,15 +181,14 @@ class CurvaturePreconditioner(Preconditioner):
     @staticmethod
     def _write_terms(out: Tensor, terms: list[Term], scale: Tensor | None = None) -> Tensor:
         """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape)."""
-        for k, (left, right) in enumerate(terms):
+        for k, (left, right, shape) in enumerate(terms):
             if scale is not None:
                 left = left * scale  # small: a factor vector, not the parameter
+            view = out.view(shape)
             if right is None:
-                view = out.view(left.shape)
                 view.copy_(left) if k == 0 else view.add_(left)
-                continue
-            view = out.view(torch.broadcast_shapes(left.shape, right.shape))
-            torch.mul(left, right, out=view) if k == 0 else view.addcmul_(left, right)
+            else:
+                torch.mul(left, right, out=view) if k == 0 else view.addcmul_(left, right)
         return out
 
     def _terms_dtype(self, key: int) -> torch.dtype:

@@ -380,3 +380,52 @@ def test_cpu_flag_path_equals_device_path(factory, monkeypatch):
     for i, s in state_cpu.items():
         for key, value in s.items():
             torch.testing.assert_close(state_dev[i][key], value, rtol=1e-14, atol=1e-15)
+
+
+# -- layers reading the same input share its statistic --------------------------------------
+class SharedInput(nn.Module):
+    """q/k/v-style projections of one tensor; ``clone_k`` feeds k a copy instead."""
+
+    def __init__(self, clone_k: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4, bias=False)
+        self.clone_k = clone_k
+
+    def forward(self, x):
+        x = x * 1.0  # a tensor the hooks see as the same object three times
+        q = self.q(x)
+        k = self.k(x.clone() if self.clone_k else x)
+        return (q * k).sum(-1) + self.v(x).sum(-1)
+
+
+def test_shared_input_statistic_equals_separate_computation():
+    """q and k (same signature) share one input statistic; v (no bias: another signature)
+    computes its own. Factors equal the ones computed from separate copies of the input."""
+    x = torch.randn(5, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    states, calls = [], []
+    for clone_k in (False, True):
+        torch.manual_seed(0)
+        model = SharedInput(clone_k=clone_k).double()
+        opt = curvlab.AdaFisher(model)
+        counter = {"n": 0}
+        original = opt.estimator.input_statistic
+
+        def counting(*args, _original=original, _counter=counter):
+            _counter["n"] += 1
+            return _original(*args)
+
+        opt.estimator.input_statistic = counting
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        states.append(
+            {n: {k: v.clone() for k, v in s.items()} for n, s in opt.curvature_state.items()}
+        )
+        calls.append(counter["n"])
+    shared, separate = states
+    for name in separate:
+        for key in ("H", "S"):
+            torch.testing.assert_close(shared[name][key], separate[name][key], rtol=0, atol=0)
+    assert calls[1] == 2 * 3  # separate copies: q, k, v each step
+    assert calls[0] == 2 * 2  # shared: k reuses q's statistic

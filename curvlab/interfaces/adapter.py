@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import torch
@@ -53,6 +54,15 @@ class LayerAdapter(ABC):
             if isinstance(p, nn.Parameter):
                 out[role] = p
         return out
+
+    def input_signature(self, module: nn.Module) -> Hashable | None:
+        """What the input statistic depends on besides the input tensor, or None.
+
+        Layers that read the same input tensor with equal signatures (the q/k/v projections of
+        attention) share one input statistic per forward: the capture engine computes it once.
+        None (the default) never shares.
+        """
+        return None
 
     # -- diagonal statistics -------------------------------------------------------------------
     @abstractmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,18 @@ class Conv2dAdapter(LayerAdapter):
     """
 
     module_types = (nn.Conv2d,)
+
+    def input_signature(self, module: nn.Module) -> Hashable:
+        return (
+            "conv2d",
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+            module.bias is not None,
+        )
 
     def input_diagonal(
         self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype

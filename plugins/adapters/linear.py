@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,9 @@ class LinearAdapter(LayerAdapter):
     """
 
     module_types = (nn.Linear,)
+
+    def input_signature(self, module: nn.Module) -> Hashable:
+        return ("linear", module.bias is not None)
 
     def input_diagonal(
         self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
