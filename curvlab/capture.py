@@ -101,9 +101,11 @@ class CaptureEngine:
         ):
             input_stat = last[3]  # the same tensor, unchanged, read the same way: share
         else:
-            with _no_autocast(output.device.type):
+            # under no_grad rather than on detached tensors: the adapter may read the output's
+            # autograd node (BatchNorm's saved batch statistics)
+            with torch.no_grad(), _no_autocast(output.device.type):
                 input_stat = self._estimator.input_statistic(
-                    record.adapter, module, x.detach(), output.detach(), dtype
+                    record.adapter, module, x, output, dtype
                 )
             if key is not None and isinstance(x, Tensor):
                 self._last_input.value = (weakref.ref(x), x._version, (key, dtype), input_stat)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvlab
+from curvlab.plugins.adapters import normalization
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -97,7 +98,12 @@ def assert_same(eager, compiled, rtol: float, atol: float) -> None:
 
 @pytest.mark.parametrize("order", ["after", "before"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_compiled_model_gives_eager_factors_and_updates(kind, order):
+def test_compiled_model_gives_eager_factors_and_updates(kind, order, monkeypatch):
+    # eager BatchNorm hooks read the batch statistics the forward saved; a compiled model
+    # hides them, so its hooks recompute them (equal to rounding, tests/test_fast_paths.py).
+    # Min-max normalisation magnifies that rounding in BatchNorm's H (all entries ≈ 1), so
+    # compare like with like: the recomputation on both sides
+    monkeypatch.setattr(normalization, "READ_SAVED_BATCH_STATS", False)
     torch.manual_seed(0)
     base = mlp() if kind == "mlp" else cnn()
     # interval 2: the capture flag flips between steps, and the compiled graphs must follow it

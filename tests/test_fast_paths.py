@@ -429,3 +429,41 @@ def test_shared_input_statistic_equals_separate_computation():
             torch.testing.assert_close(shared[name][key], separate[name][key], rtol=0, atol=0)
     assert calls[1] == 2 * 3  # separate copies: q, k, v each step
     assert calls[0] == 2 * 2  # shared: k reuses q's statistic
+
+
+# -- BatchNorm: the batch statistics saved by the forward pass ------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(8, 5, 6, 6), (16, 5)])
+def test_batchnorm_saved_statistics_equal_recomputation(shape, dtype, tol, monkeypatch):
+    """H of a training-mode BatchNorm from the saved 1/√(σ²+ε) (no pass over x) equals the
+    recomputation from x and the straightforward mean of x̂²; the saved path is really taken."""
+    from curvlab.plugins.adapters import normalization
+
+    g = torch.Generator().manual_seed(3)
+    bn = (nn.BatchNorm2d(5) if len(shape) == 4 else nn.BatchNorm1d(5)).to(dtype)
+    x = (torch.randn(*shape, generator=g, dtype=dtype) * 3 + 1).requires_grad_()
+    out = bn(x)
+    adapter = normalization.BatchNormAdapter()
+    assert normalization.saved_batch_invstd(bn, out) is not None
+    with torch.no_grad():
+        saved = adapter.input_diagonal(bn, x, out, dtype)
+        monkeypatch.setattr(normalization, "READ_SAVED_BATCH_STATS", False)
+        recomputed = adapter.input_diagonal(bn, x, out, dtype)
+    dims = (0, 2, 3) if len(shape) == 4 else (0,)
+    x_hat = F.batch_norm(x.detach(), None, None, training=True, eps=bn.eps)
+    reference = (x_hat**2).sum(dims)
+    assert saved.count == recomputed.count == x.numel() // 5
+    torch.testing.assert_close(saved.total, reference, rtol=tol, atol=tol)
+    torch.testing.assert_close(recomputed.total, reference, rtol=tol, atol=tol)
+
+
+def test_batchnorm_without_saved_statistics_recomputes():
+    """Eval mode, or an output without the native autograd node: None, so H is recomputed."""
+    from curvlab.plugins.adapters import normalization
+
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    assert normalization.saved_batch_invstd(bn, bn(x).detach()) is None
+    assert normalization.saved_batch_invstd(bn, bn(x) * 1.0) is None
+    bn.eval()
+    assert normalization.saved_batch_invstd(bn, bn(x)) is None  # running statistics

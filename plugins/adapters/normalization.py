@@ -77,13 +77,44 @@ class BatchNormAdapter(ElementwiseAffineAdapter):
         self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
     ) -> Statistic:
         # x̂ = (x − μ)/√(σ² + ε) over exactly the rows that are averaged, so the mean of x̂² is
-        # σ²/(σ² + ε) in closed form: one read of x instead of a second normalisation pass
+        # σ²/(σ² + ε) = 1 − ε·invstd² in closed form
         dims = self.reduce_dims(module, x)
         rows = _numel(x, dims)
+        invstd = saved_batch_invstd(module, output)
+        if invstd is not None:  # the forward pass computed it already: no pass over x at all
+            H = 1.0 - module.eps * invstd.to(dtype).square()
+            return Statistic((rows * H.clamp_min(0.0)).reshape(module.weight.shape), rows)
         # σ² = E[x²] − E[x]² from two fused reductions (torch.var is ~4× slower on NCHW)
         mean = x.to(dtype).sum(dims) / rows
         var = (square_sum(x, dims, dtype) / rows - mean * mean).clamp_min(0.0)
         return Statistic((rows * var / (var + module.eps)).reshape(module.weight.shape), rows)
+
+
+#: read BatchNorm's saved batch statistics when available (tests switch it off to compare the
+#: eager path with the recomputation a compiled model uses)
+READ_SAVED_BATCH_STATS = True
+
+
+def saved_batch_invstd(module: nn.Module, output: Tensor) -> Tensor | None:
+    """1/√(σ²_batch + ε) per channel as the training-mode BatchNorm forward saved it for its
+    backward (ATen's native kernel: ``NativeBatchNormBackward0``), or None when the output's
+    autograd node is another one (cuDNN, a compiled model, no grad): the caller recomputes."""
+    node = output.grad_fn
+    if (
+        not READ_SAVED_BATCH_STATS
+        or node is None
+        or type(node).__name__ != "NativeBatchNormBackward0"
+    ):
+        return None
+    try:
+        if not node._saved_training or node._saved_eps != module.eps:
+            return None
+        invstd = node._saved_result2
+    except (AttributeError, RuntimeError):  # renamed fields, or freed saved tensors
+        return None
+    if not isinstance(invstd, Tensor) or invstd.shape != (module.num_features,):
+        return None
+    return invstd
 
 
 @register("adapters", "layernorm")
