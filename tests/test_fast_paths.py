@@ -372,14 +372,15 @@ def _train_with_nan(opt_factory, read_cpu_flags: bool, monkeypatch) -> tuple[dic
 )
 def test_cpu_flag_path_equals_device_path(factory, monkeypatch):
     """Reading the finite flag on CPU (no masking pass) and blending with it on device give
-    the same parameters and state, a skipped step included."""
+    the same parameters and state, a skipped step included (float64; the two paths round
+    the coupled decay term differently, and min-max on BatchNorm magnifies rounding)."""
     params_cpu, state_cpu = _train_with_nan(factory, True, monkeypatch)
     params_dev, state_dev = _train_with_nan(factory, False, monkeypatch)
     for key, value in params_cpu.items():
-        torch.testing.assert_close(params_dev[key], value, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(params_dev[key], value, rtol=1e-12, atol=1e-14)
     for i, s in state_cpu.items():
         for key, value in s.items():
-            torch.testing.assert_close(state_dev[i][key], value, rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(state_dev[i][key], value, rtol=1e-12, atol=1e-14)
 
 
 # -- layers reading the same input share its statistic --------------------------------------

@@ -179,8 +179,9 @@ def test_output_statistics(name, batched):
         torch.testing.assert_close(rows[:, o], gb[:, o].reshape(-1), rtol=0, atol=0)
 
 
-def test_fast_path_does_not_unfold_the_batch(monkeypatch):
-    """H is built from Σ_n x² (one image): F.unfold only ever sees a batch of 1."""
+def test_fast_path_does_not_unfold(monkeypatch):
+    """H is built from Σ_n x² (one image) and two 0/1 selection matmuls: no F.unfold at all,
+    and the selection matrices pick exactly the positions F.unfold would."""
     seen = []
     real = F.unfold
 
@@ -192,7 +193,15 @@ def test_fast_path_does_not_unfold_the_batch(monkeypatch):
     m = make("stride2_pad1_dil2_groups2")
     x = inputs("stride2_pad1_dil2_groups2", n=5)
     ADAPTER.input_diagonal(m, x, m(x), DT)
-    assert seen and all(b == 1 for b in seen)
+    assert seen == []
+    from curvlab.plugins.adapters.conv2d import window_selection
+
+    sel = window_selection(9, 3, 3, 2, 2, torch.device("cpu"), DT)  # size 9, out 3, k3 s2 d2
+    want = torch.zeros(3, 9, dtype=DT)
+    for i in range(3):
+        for p in range(3):
+            want[i, i * 2 + 2 * p] = 1
+    assert torch.equal(sel, want)
 
 
 @pytest.mark.parametrize(
