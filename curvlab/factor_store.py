@@ -34,6 +34,7 @@ class _Pack:
     normalized: Tensor | None = None  # the factors the preconditioner reads (see factors())
     normalized_views: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     normalized_version: int = -1
+    counts: dict[tuple, Tensor] = field(default_factory=dict)  # row counts per entry, by counts
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -60,7 +61,6 @@ class DiagonalFactorStore:
         self.state = state
         self._packs: dict[tuple[torch.device, torch.dtype], _Pack] = {}
         self._pack_of: dict[str, tuple[torch.device, torch.dtype]] = {}
-        self._counts: dict[tuple, Tensor] = {}
         self.version = 0  # bumped whenever the EMA changes
         self.layout_version = 0  # bumped whenever the packs are rebuilt
 
@@ -90,7 +90,6 @@ class DiagonalFactorStore:
         pack = _Pack(names, shapes, ema, updated, segments, segments.ids // 2)
         pack.ema_views = pack.views(ema)
         self._packs[key] = pack
-        self._counts.clear()  # keyed by pack
         for i, (name, (H, S)) in enumerate(zip(names, pack.ema_views)):
             self._pack_of[name] = key
             self.state[name] = {"H": H, "S": S, "updated": updated[i]}
@@ -167,14 +166,14 @@ class DiagonalFactorStore:
         counts that repeat from step to step."""
         device, dtype = pack.ema.device, pack.ema.dtype
         if all(isinstance(c, int) for c in counts):
-            key = (id(pack), tuple(counts))
-            cached = self._counts.get(key)
+            key = tuple(counts)
+            cached = pack.counts.get(key)
             if cached is None:
-                if len(self._counts) > 64:
-                    self._counts.clear()
+                if len(pack.counts) > 64:
+                    pack.counts.clear()
                 vector = torch.tensor(counts, dtype=torch.float64)
                 cached = vector.to(device=device, dtype=dtype)[pack.segments.ids]
-                self._counts[key] = cached
+                pack.counts[key] = cached
             return cached
         vector = torch.stack([torch.as_tensor(c, dtype=dtype, device=device) for c in counts])
         return vector[pack.segments.ids]
