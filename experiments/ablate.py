@@ -69,22 +69,10 @@ TABLE = (
 PLOTS = (
     ("train_loss_vs_epoch", "train_loss", "training loss", "epoch", "epoch", True),
     ("test_accuracy_vs_epoch", "test_accuracy", "test accuracy", "epoch", "epoch", False),
-    (
-        "train_loss_vs_time",
-        "train_loss",
-        "training loss",
-        "train_time_s",
-        "training wall-clock time (s)",
-        True,
-    ),
-    (
-        "test_accuracy_vs_time",
-        "test_accuracy",
-        "test accuracy",
-        "train_time_s",
-        "training wall-clock time (s)",
-        False,
-    ),
+    ("train_loss_vs_time", "train_loss", "training loss", "train_time_s",
+     "training wall-clock time (s)", True),
+    ("test_accuracy_vs_time", "test_accuracy", "test accuracy", "train_time_s",
+     "training wall-clock time (s)", False),
 )
 
 
@@ -107,9 +95,8 @@ class Run:
 
     def record(self) -> dict[str, Any]:
         """What identifies the run (stored as run.json; a change makes the run stale)."""
-        return dict(
-            variant=self.variant, seed=self.seed, config=self.config, bindings=list(self.bindings)
-        )
+        return dict(variant=self.variant, seed=self.seed, config=self.config,
+                    bindings=list(self.bindings))
 
     def is_done(self) -> bool:
         """summary.json exists and run.json records the same config and bindings."""
@@ -290,9 +277,8 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
         summary = {}
         if r.is_done():
             summary = json.loads((r.out / "summary.json").read_text())
-        row: dict[str, Any] = dict(
-            variant=r.variant, seed=r.seed, status="ok" if summary else "missing"
-        )
+        row: dict[str, Any] = dict(variant=r.variant, seed=r.seed,
+                                   status="ok" if summary else "missing")
         row.update({k: summary.get(k, "") for k in METRICS})
         row["out_dir"] = str(r.out)
         rows.append(row)
@@ -360,12 +346,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_markdown(
-    grid_: Grid,
-    runs: Sequence[Run],
-    rows: Sequence[dict[str, Any]],
-    path: Path,
-    title: str,
-    command: str | None = None,
+    grid_: Grid, runs: Sequence[Run], rows: Sequence[dict[str, Any]], path: Path,
+    title: str, command: str | None = None,
 ) -> None:
     seeds = ", ".join(map(str, grid_.seeds))
     text = [
@@ -447,53 +429,27 @@ def report(grid_: Grid, runs: Sequence[Run], out: Path, title: str, command: str
     write_csv(rows, out / "results.csv")
     write_markdown(grid_, runs, rows, out / "results.md", title, command)
     write_plots(runs, out, title)
-    (out / "grid.json").write_text(
-        json.dumps(
-            dict(
-                base=grid_.base,
-                seeds=list(grid_.seeds),
-                bindings=list(grid_.bindings),
-                variants={k: list(v) for k, v in grid_.variants.items()},
-                command=command,
-            ),
-            indent=2,
-        )
-    )
+    (out / "grid.json").write_text(json.dumps(dict(
+        base=grid_.base, seeds=list(grid_.seeds), bindings=list(grid_.bindings),
+        variants={k: list(v) for k, v in grid_.variants.items()}, command=command,
+    ), indent=2))
 
 
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", help="a grid .gin file (e.g. configs/ablations/paper_components.gin)")
-    p.add_argument(
-        "--out", default=None, help="output directory (default: runs/ablate/<grid file name>)"
-    )
+    p.add_argument("--out", default=None,
+                   help="output directory (default: runs/ablate/<grid file name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
-    p.add_argument(
-        "--bind",
-        action="append",
-        default=[],
-        metavar="BINDING",
-        help="gin binding for the grid itself, e.g. --bind 'ablate.seeds=[0]'",
-    )
-    p.add_argument(
-        "--run-bind",
-        action="append",
-        default=[],
-        metavar="BINDING",
-        help="gin binding appended to every run, e.g. --run-bind train.epochs=2",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads per run (default: cpu count / jobs)",
-    )
+    p.add_argument("--bind", action="append", default=[], metavar="BINDING",
+                   help="gin binding for the grid itself, e.g. --bind 'ablate.seeds=[0]'")
+    p.add_argument("--run-bind", action="append", default=[], metavar="BINDING",
+                   help="gin binding appended to every run, e.g. --run-bind train.epochs=2")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: cpu count / jobs)")
     p.add_argument("--force", action="store_true", help="rerun finished runs too")
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing; tabulate and plot what has finished",
-    )
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; tabulate and plot what has finished")
     p.add_argument("--quiet", action="store_true", help="no progress bar, final lines only")
 
 
@@ -519,8 +475,8 @@ def main(args: argparse.Namespace) -> int:
     stem = Path(args.grid).stem
     out = Path(args.out) if args.out else Path("runs") / "ablate" / stem
     runs = grid_.runs(out, args.run_bind)
-    outcomes = (
-        [] if args.report_only else run_grid(runs, args.jobs, args.quiet, args.force, args.threads)
+    outcomes = [] if args.report_only else run_grid(
+        runs, args.jobs, args.quiet, args.force, args.threads
     )
     report(grid_, runs, out, stem, command_line(args))
     failed = [o for o in outcomes if o.status == "failed"]

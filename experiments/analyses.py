@@ -99,10 +99,8 @@ def _dumps(obj: Any, indent: int = 0) -> str:
     """JSON with one key per line but lists of numbers on one line (long series stay small)."""
     pad, inner = " " * indent, " " * (indent + 1)
     if isinstance(obj, dict) and obj:
-        items = [
-            f"{inner}{json.dumps(k, ensure_ascii=False)}: {_dumps(v, indent + 1)}"
-            for k, v in obj.items()
-        ]
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_dumps(v, indent + 1)}"
+                 for k, v in obj.items()]
         return "{\n" + ",\n".join(items) + "\n" + pad + "}"
     if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
         items = [inner + _dumps(v, indent + 1) for v in obj]
@@ -241,24 +239,11 @@ def _plot_gershgorin(path: Path, step: int, factors: dict[str, dict[str, Tensor]
             order = torch.argsort(centres)
             d = len(centres)
             y = torch.arange(d, dtype=torch.float64)
-            ax.hlines(
-                y,
-                (centres - radii)[order],
-                (centres + radii)[order],
-                color="tab:blue",
-                lw=1.0 if d < 80 else 0.5,
-                alpha=0.7,
-                label="Gershgorin disc (interval)",
-            )
+            ax.hlines(y, (centres - radii)[order], (centres + radii)[order], color="tab:blue",
+                      lw=1.0 if d < 80 else 0.5, alpha=0.7, label="Gershgorin disc (interval)")
             ax.plot(centres[order], y, "|", color="tab:blue", ms=3)
-            ax.plot(
-                eig,
-                torch.full_like(eig, -0.04 * d - 1),
-                "v",
-                color="tab:red",
-                ms=4,
-                label="eigenvalues",
-            )
+            ax.plot(eig, torch.full_like(eig, -0.04 * d - 1), "v", color="tab:red", ms=4,
+                    label="eigenvalues")
             ax.axvline(0.0, color="0.6", lw=0.5)
             ax.set_title(f"layer {name}: {key} ({d}×{d}), step {step}", fontsize=9)
             ax.set_ylabel("row (sorted by centre)", fontsize=8)
@@ -281,12 +266,8 @@ def _plot_factor_heatmaps(path: Path, step: int, mats: dict[str, dict[str, Tenso
             ax = axes[row][col]
             M = mats[name][key].double().abs()
             M = M / M.max()
-            im = ax.imshow(
-                M.clamp_min(1e-6).numpy(),
-                norm=LogNorm(vmin=1e-4, vmax=1.0),
-                cmap="viridis",
-                interpolation="nearest",
-            )
+            im = ax.imshow(M.clamp_min(1e-6).numpy(), norm=LogNorm(vmin=1e-4, vmax=1.0),
+                           cmap="viridis", interpolation="nearest")
             ax.set_title(f"|{key}| layer {name} ({M.shape[0]}×{M.shape[0]})", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -350,13 +331,8 @@ def diagonal_concentration(
     opt = curvlab.AdaFisher(model, lr=lr)
     # same model, lr = 0: only folds full factors into its EMA (γ as AdaFisher's), never moves θ
     shadow = curvlab.CurvatureOptimizer(
-        model,
-        lr=0.0,
-        gamma=opt.gamma,
-        estimator="full",
-        normalizer="identity",
-        inverse_interval=10**9,
-        warn_on_fallback=False,
+        model, lr=0.0, gamma=opt.gamma, estimator="full", normalizer="identity",
+        inverse_interval=10**9, warn_on_fallback=False,
     )
     layers = kronecker_layers(model)
     ckpts = checkpoint_steps(steps, checkpoints)
@@ -377,12 +353,8 @@ def diagonal_concentration(
         bar.set_postfix(loss=f"{last_loss:.3f}")
         if step not in ckpts:
             continue
-        row = dict(
-            step=step,
-            train_loss=last_loss,
-            test_accuracy=accuracy(model, data.x_test, data.y_test),
-            layers={},
-        )
+        row = dict(step=step, train_loss=last_loss,
+                   test_accuracy=accuracy(model, data.x_test, data.y_test), layers={})
         mats = {}
         for name, module in layers.items():
             state = shadow.curvature_state[name]
@@ -397,39 +369,23 @@ def diagonal_concentration(
                 row["layers"][name]["A_cov"] = concentration_metrics(
                     centred_covariance(A), sigma, noise_draws, generator
                 )
-        _plot_gershgorin(
-            out / f"gershgorin_step{step}.png",
-            step,
-            {n: {k: row["layers"][n][k]["gershgorin"] for k in ("A", "G")} for n in layers},
-        )
+        _plot_gershgorin(out / f"gershgorin_step{step}.png", step,
+                         {n: {k: row["layers"][n][k]["gershgorin"] for k in ("A", "G")}
+                          for n in layers})
         if step == ckpts[-1]:
             _plot_factor_heatmaps(out / "factors_final.png", step, mats)
         rows.append(row)
     bar.close()
     names = list(layers)
     _plot_concentration_curves(out / "concentration.png", rows, names)
-    keys = (
-        "dim",
-        "energy_fraction",
-        "snr",
-        "snr_db",
-        "mean_abs_diag_over_offdiag",
-        "dominant_rows",
-        "median_radius_over_centre",
-        "shift",
-        "relative_shift",
-        "weyl_bound",
-        "shift_raw",
-        "relative_shift_raw",
-    )
+    keys = ("dim", "energy_fraction", "snr", "snr_db", "mean_abs_diag_over_offdiag",
+            "dominant_rows", "median_radius_over_centre", "shift", "relative_shift",
+            "weyl_bound", "shift_raw", "relative_shift_raw")
     final = rows[-1]
     factors = ("A", "G", "A_cov")
     summary = {
-        name: {
-            f: {k: final["layers"][name][f][k] for k in keys}
-            for f in factors
-            if f in final["layers"][name]
-        }
+        name: {f: {k: final["layers"][name][f][k] for k in keys}
+               for f in factors if f in final["layers"][name]}
         for name in names
     }
     for row in rows:  # Gershgorin vectors are in the figures; keep the JSON small
@@ -439,26 +395,14 @@ def diagonal_concentration(
                     row["layers"][name][f].pop("gershgorin")
     result = dict(
         analysis="diagonal-concentration",
-        config=dict(
-            model=f"DigitsCNN(width={width})",
-            optimizer=f"AdaFisher(lr={lr})",
-            factors="EMA (γ = 0.8) of full K-FAC factors, per_sample=True",
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            sigma=sigma,
-            noise_draws=noise_draws,
-            checkpoints=ckpts,
-        ),
-        final_step=final["step"],
-        final_test_accuracy=final["test_accuracy"],
-        final=summary,
-        checkpoints=rows,
-        figures=[
-            "concentration.png",
-            "factors_final.png",
-            *(f"gershgorin_step{k}.png" for k in ckpts),
-        ],
+        config=dict(model=f"DigitsCNN(width={width})", optimizer=f"AdaFisher(lr={lr})",
+                    factors="EMA (γ = 0.8) of full K-FAC factors, per_sample=True",
+                    steps=steps, batch_size=batch_size, seed=seed, sigma=sigma,
+                    noise_draws=noise_draws, checkpoints=ckpts),
+        final_step=final["step"], final_test_accuracy=final["test_accuracy"],
+        final=summary, checkpoints=rows,
+        figures=["concentration.png", "factors_final.png",
+                 *(f"gershgorin_step{k}.png" for k in ckpts)],
     )
     write_json(out / "results.json", result)
     return result
@@ -484,14 +428,9 @@ def _output_positions(model: nn.Module, x: Tensor) -> dict[str, int]:
     """L per Linear/Conv2d layer for input ``x`` (1 for Linear on 2-D input)."""
     sizes, handles = {}, []
     for name, module in kronecker_layers(model).items():
-
         def hook(mod, inputs, output, name=name):  # noqa: ANN001
-            sizes[name] = (
-                output.shape[2] * output.shape[3]
-                if output.dim() == 4
-                else (output.numel() // output.shape[0] // output.shape[-1])
-            )
-
+            sizes[name] = output.shape[2] * output.shape[3] if output.dim() == 4 else (
+                output.numel() // output.shape[0] // output.shape[-1])
         handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(x[:1])
@@ -531,16 +470,14 @@ def curvlab_fisher_diagonal(
 
     probe = model_fn()
     probe.load_state_dict(state)
-    opt = curvlab.CurvatureOptimizer(
-        probe, lr=0.0, gamma=0.0, adapters=["linear", "conv2d"], warn_on_fallback=False
-    )
+    opt = curvlab.CurvatureOptimizer(probe, lr=0.0, gamma=0.0, adapters=["linear", "conv2d"],
+                                     warn_on_fallback=False)
     F.cross_entropy(probe(x), y).backward()
     opt.step()
     L = _output_positions(probe, x)
     return {
-        name: kronecker_diagonal(
-            m, opt.curvature_state[name]["H"], opt.curvature_state[name]["S"], len(x), L[name]
-        )
+        name: kronecker_diagonal(m, opt.curvature_state[name]["H"],
+                                 opt.curvature_state[name]["S"], len(x), L[name])
         for name, m in kronecker_layers(probe).items()
     }
 
@@ -586,12 +523,8 @@ def mae(approx: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, float]:
     a, r = _flat(approx).double(), _flat(ref).double()
     err = (a - r).abs().mean().item()
     scale = r.abs().mean().item()
-    return dict(
-        mae=err,
-        relative_mae=err / scale if scale > 0 else math.inf,
-        mean_ref=scale,
-        mean_approx=a.abs().mean().item(),
-    )
+    return dict(mae=err, relative_mae=err / scale if scale > 0 else math.inf, mean_ref=scale,
+                mean_approx=a.abs().mean().item())
 
 
 def _plot_accuracy_curves(path: Path, rows: list[dict], names: list[str]) -> None:
@@ -604,32 +537,15 @@ def _plot_accuracy_curves(path: Path, rows: list[dict], names: list[str]) -> Non
         for row_i, key in enumerate(("mae", "relative_mae")):
             ax = axes[row_i][col]
             for name in names:
-                ax.plot(
-                    steps,
-                    [r["layers"][name]["batch"][ref][key] for r in rows],
-                    "-o",
-                    ms=3,
-                    color=colors[name],
-                    label=f"layer {name}: same batch",
-                )
-                ax.plot(
-                    steps,
-                    [r["layers"][name]["ema"][ref][key] for r in rows],
-                    "--",
-                    color=colors[name],
-                    alpha=0.7,
-                    label=f"layer {name}: optimizer EMA",
-                )
+                ax.plot(steps, [r["layers"][name]["batch"][ref][key] for r in rows], "-o",
+                        ms=3, color=colors[name], label=f"layer {name}: same batch")
+                ax.plot(steps, [r["layers"][name]["ema"][ref][key] for r in rows], "--",
+                        color=colors[name], alpha=0.7, label=f"layer {name}: optimizer EMA")
                 other = {"exact": "empirical_vs_exact", "mc": "mc_vs_exact"}.get(ref)
                 if other:
-                    ax.plot(
-                        steps,
-                        [r["layers"][name][other][key] for r in rows],
-                        ":",
-                        color=colors[name],
-                        alpha=0.9,
-                        label=f"layer {name}: BackPACK {other.replace('_vs_', ' vs ')}",
-                    )
+                    ax.plot(steps, [r["layers"][name][other][key] for r in rows], ":",
+                            color=colors[name], alpha=0.9,
+                            label=f"layer {name}: BackPACK {other.replace('_vs_', ' vs ')}")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.set_title(f"curvlab S⊗H vs {title}", fontsize=10)
@@ -709,18 +625,11 @@ def diagonal_accuracy(
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         approx = curvlab_fisher_diagonal(model_fn, state, xe, ye)
         refs = backpack_fisher_diagonals(model_fn, state, xe, ye, mc_seed=seed * 100_003 + step)
-        row = dict(
-            step=step,
-            train_loss=last_loss,
-            test_accuracy=accuracy(model, data.x_test, data.y_test),
-            layers={},
-        )
+        row = dict(step=step, train_loss=last_loss,
+                   test_accuracy=accuracy(model, data.x_test, data.y_test), layers={})
         for name, module in layers.items():
-            entry = {
-                "type": type(module).__name__,
-                "positions": L[name],
-                "batch": {ref: mae(approx[name], refs[ref][name]) for ref in refs},
-            }
+            entry = {"type": type(module).__name__, "positions": L[name],
+                     "batch": {ref: mae(approx[name], refs[ref][name]) for ref in refs}}
             entry["mc_vs_exact"] = mae(refs["mc"][name], refs["exact"][name])
             entry["empirical_vs_exact"] = mae(refs["empirical"][name], refs["exact"][name])
             state_l = opt.curvature_state.get(name)
@@ -765,9 +674,10 @@ def diagonal_accuracy(
     over_training = {
         name: {
             ref: dict(
-                mean_relative_mae=sum(r["layers"][name]["batch"][ref]["relative_mae"] for r in rows)
-                / len(rows),
-                max_relative_mae=max(r["layers"][name]["batch"][ref]["relative_mae"] for r in rows),
+                mean_relative_mae=sum(r["layers"][name]["batch"][ref]["relative_mae"]
+                                      for r in rows) / len(rows),
+                max_relative_mae=max(r["layers"][name]["batch"][ref]["relative_mae"]
+                                     for r in rows),
             )
             for ref in ("exact", "mc", "empirical")
         }
@@ -775,22 +685,14 @@ def diagonal_accuracy(
     }
     result = dict(
         analysis="diagonal-accuracy",
-        config=dict(
-            model=f"PlainCNN(width={width}) (the digits CNN without BatchNorm)",
-            optimizer=f"AdaFisher(lr={lr})",
-            steps=steps,
-            batch_size=batch_size,
-            eval_batch=eval_batch,
-            seed=seed,
-            checkpoints=ckpts,
-            scaling="F[o,i] = N^2 * L * S[o] * H[i] (per-sample average scale)",
-            layers={n: dict(type=type(m).__name__, positions=L[n]) for n, m in layers.items()},
-        ),
-        final_step=final["step"],
-        final_test_accuracy=final["test_accuracy"],
-        final=summary,
-        over_training=over_training,
-        checkpoints=rows,
+        config=dict(model=f"PlainCNN(width={width}) (the digits CNN without BatchNorm)",
+                    optimizer=f"AdaFisher(lr={lr})", steps=steps, batch_size=batch_size,
+                    eval_batch=eval_batch, seed=seed, checkpoints=ckpts,
+                    scaling="F[o,i] = N^2 * L * S[o] * H[i] (per-sample average scale)",
+                    layers={n: dict(type=type(m).__name__, positions=L[n])
+                            for n, m in layers.items()}),
+        final_step=final["step"], final_test_accuracy=final["test_accuracy"],
+        final=summary, over_training=over_training, checkpoints=rows,
         figures=["mae_over_training.png", "diagonal_scatter_final.png"],
     )
     write_json(out / "results.json", result)
@@ -828,7 +730,9 @@ def _make_trajectory_optimizer(name: str, model: nn.Module, lr: float):  # noqa:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def loss_surface(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def loss_surface(
+    model: nn.Module, x: Tensor, y: Tensor, a: Tensor, b: Tensor
+) -> Tensor:
     """Mean cross-entropy of :class:`IrisMLP` with ``W1[0,0] = a_i``, ``W1[0,1] = b_j`` and every
     other parameter as in ``model``: a (len(b), len(a)) grid, computed in one batched pass."""
     W1, b1 = model[0].weight.detach().double(), model[0].bias.detach().double()
@@ -838,11 +742,9 @@ def loss_surface(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, b: Tensor) -
     W[:, 0, 0], W[:, 0, 1] = A.reshape(-1), B.reshape(-1)
     h = torch.tanh(torch.einsum("nd,gkd->gnk", x.double(), W) + b1)
     logits = h @ W2.T + b2
-    losses = (
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(A.numel()), reduction="none")
-        .reshape(A.numel(), -1)
-        .mean(1)
-    )
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.repeat(A.numel()), reduction="none"
+    ).reshape(A.numel(), -1).mean(1)
     return losses.reshape(A.shape)
 
 
@@ -856,21 +758,18 @@ def _plot_trajectories(path: Path, runs: dict[str, dict], surfaces: dict[str, tu
         a, b, Z = surfaces[name]
         Zc = Z.clamp_min(1e-3).numpy()
         levels = torch.logspace(math.log10(Zc.min()), math.log10(Zc.max()), 25).numpy()
-        cs = ax.contourf(
-            a.numpy(), b.numpy(), Zc, levels=levels, norm=LogNorm(), cmap="viridis", extend="both"
-        )
-        ax.contour(a.numpy(), b.numpy(), Zc, levels=levels, colors="k", linewidths=0.3, alpha=0.4)
+        cs = ax.contourf(a.numpy(), b.numpy(), Zc, levels=levels, norm=LogNorm(), cmap="viridis",
+                         extend="both")
+        ax.contour(a.numpy(), b.numpy(), Zc, levels=levels, colors="k", linewidths=0.3,
+                   alpha=0.4)
         path_ = torch.tensor(runs[name]["path"])
         ax.plot(path_[:, 0], path_[:, 1], "-", color="white", lw=1.6)
         ax.plot(path_[:, 0], path_[:, 1], ".", color="tab:red", ms=2)
         ax.plot(path_[0, 0], path_[0, 1], "o", color="white", mec="k", ms=8, label="start")
         ax.plot(path_[-1, 0], path_[-1, 1], "*", color="tab:red", mec="k", ms=14, label="end")
         r = runs[name]
-        ax.set_title(
-            f"{name} (lr {r['lr']:g}): loss {r['final_train_loss']:.3f}, "
-            f"test acc {r['test_accuracy']:.2f}",
-            fontsize=10,
-        )
+        ax.set_title(f"{name} (lr {r['lr']:g}): loss {r['final_train_loss']:.3f}, "
+                     f"test acc {r['test_accuracy']:.2f}", fontsize=10)
         ax.set_xlabel("W1[0, 0]")
         ax.set_ylabel("W1[0, 1]")
         fig.colorbar(cs, ax=ax, label="training loss (others at the final point)", format="%.2g")
@@ -893,11 +792,8 @@ def _plot_trajectory_overlay(path: Path, runs: dict[str, dict]) -> None:
     ax.plot(p0[0], p0[1], "o", color="white", mec="k", ms=9)
     ax.set_xlabel("W1[0, 0]")
     ax.set_ylabel("W1[0, 1]")
-    ax.set_title(
-        "all trajectories from the same initialisation (no common loss surface: "
-        "it depends on the other parameters)",
-        fontsize=9,
-    )
+    ax.set_title("all trajectories from the same initialisation (no common loss surface: "
+                 "it depends on the other parameters)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax2.set_xlabel("step (full batch)")
@@ -955,25 +851,16 @@ def trajectories(
         p = torch.tensor(path)
         parts = {}
         if hasattr(opt, "estimator"):  # a curvlab optimizer: name its parts
-            parts = dict(
-                estimator=repr(opt.estimator),
-                update_rule=repr(opt.update_rule),
-                damping=repr(opt.damping),
-                normalizer=repr(opt.normalizer),
-            )
+            parts = dict(estimator=repr(opt.estimator), update_rule=repr(opt.update_rule),
+                         damping=repr(opt.damping), normalizer=repr(opt.normalizer))
         runs[name] = dict(
-            lr=lr,
-            optimizer=type(opt).__name__,
-            parts=parts,
-            final_train_loss=final_loss,
+            lr=lr, optimizer=type(opt).__name__, parts=parts, final_train_loss=final_loss,
             test_accuracy=accuracy(model, x_te, y_te),
             train_accuracy=accuracy(model, x_tr, y_tr),
-            start=path[0],
-            end=path[-1],
+            start=path[0], end=path[-1],
             path_length=(p[1:] - p[:-1]).norm(dim=1).sum().item(),
             displacement=(p[-1] - p[0]).norm().item(),
-            path=path,
-            losses=losses,
+            path=path, losses=losses,
         )
         models[name] = model
     bar.close()
@@ -992,21 +879,15 @@ def trajectories(
     _plot_trajectory_overlay(out / "trajectories_overlay.png", runs)
     result = dict(
         analysis="trajectories",
-        config=dict(
-            data="iris, standardised, PCA to 2 components (fit on the training split)",
-            pca_explained_variance_ratio=pca.explained_variance_ratio_.tolist(),
-            model="Linear(2, 2) - tanh - Linear(2, 3)",
-            steps=steps,
-            batch="full",
-            seed=seed,
-            coordinates=["W1[0,0]", "W1[0,1]"],
-            surface="mean cross-entropy on the training split over the two coordinates, "
-            "every other parameter at the optimizer's final values",
-            learning_rates=lrs,
-        ),
-        optimizers={
-            n: {k: v for k, v in r.items() if k not in ("path", "losses")} for n, r in runs.items()
-        },
+        config=dict(data="iris, standardised, PCA to 2 components (fit on the training split)",
+                    pca_explained_variance_ratio=pca.explained_variance_ratio_.tolist(),
+                    model="Linear(2, 2) - tanh - Linear(2, 3)", steps=steps, batch="full",
+                    seed=seed, coordinates=["W1[0,0]", "W1[0,1]"],
+                    surface="mean cross-entropy on the training split over the two coordinates, "
+                            "every other parameter at the optimizer's final values",
+                    learning_rates=lrs),
+        optimizers={n: {k: v for k, v in r.items() if k not in ("path", "losses")}
+                    for n, r in runs.items()},
         paths={n: r["path"] for n, r in runs.items()},
         figures=["trajectories.png", "trajectories_overlay.png"],
     )
@@ -1035,9 +916,8 @@ def _plot_ranges(path: Path, series: dict[str, dict], interval: int) -> None:
         for i, name in enumerate(s["layers"]):
             color = f"C{i}"
             ax.plot(steps, s["layers"][name]["median"], "-", color=color, label=f"{name} median")
-            ax.fill_between(
-                steps, s["layers"][name]["min"], s["layers"][name]["max"], color=color, alpha=0.15
-            )
+            ax.fill_between(steps, s["layers"][name]["min"], s["layers"][name]["max"],
+                            color=color, alpha=0.15)
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("F / λ  (band: min–max, line: median)")
@@ -1052,13 +932,8 @@ def _plot_ranges(path: Path, series: dict[str, dict], interval: int) -> None:
         color = f"C{i}"
         st = [s["steps"][k] for k in keep]
         ax.plot(st, [s["layers"][name]["median"][k] for k in keep], "-", color=color, label=name)
-        ax.fill_between(
-            st,
-            [s["layers"][name]["min"][k] for k in keep],
-            [s["layers"][name]["max"][k] for k in keep],
-            color=color,
-            alpha=0.15,
-        )
+        ax.fill_between(st, [s["layers"][name]["min"][k] for k in keep],
+                        [s["layers"][name]["max"][k] for k in keep], color=color, alpha=0.15)
     ax.axhline(1.0, color="k", lw=0.6)
     ax.axhline(1.08, color="k", lw=0.6, ls="--")
     ax.set_xlabel("optimizer step")
@@ -1078,13 +953,8 @@ def _plot_histograms(path: Path, hists: dict[str, dict[int, dict[str, Tensor]]])
     variants = list(hists)
     columns = max(len(h) for h in hists.values())
     bins = torch.logspace(-8, math.log10(1001), 56).numpy()
-    fig, axes = plt.subplots(
-        len(variants),
-        columns,
-        figsize=(3.6 * columns, 3.0 * len(variants)),
-        squeeze=False,
-        sharex=True,
-    )
+    fig, axes = plt.subplots(len(variants), columns, figsize=(3.6 * columns, 3.0 * len(variants)),
+                             squeeze=False, sharex=True)
     for row, variant in enumerate(variants):
         for col, (step, layers) in enumerate(hists[variant].items()):
             ax = axes[row][col]
@@ -1128,9 +998,8 @@ def curvature_range(
     torch.manual_seed(seed)
     init = {k: v.clone() for k, v in DigitsCNN(width).state_dict().items()}
     # histogram checkpoints: right after official updates 1, 2, 3, and the last step
-    hist_steps = sorted(
-        {s for s in (1, official_interval + 1, 2 * official_interval + 1, steps) if 1 <= s <= steps}
-    )
+    hist_steps = sorted({s for s in (1, official_interval + 1, 2 * official_interval + 1, steps)
+                         if 1 <= s <= steps})
     series, per_update, results, all_hists = {}, {}, {}, {}
     bar = _progress(2 * steps, "curvature-range", quiet)
     for variant, interval in (("paper", paper_interval), ("official", official_interval)):
@@ -1144,14 +1013,8 @@ def curvature_range(
             from curvlab.presets import OFFICIAL_ADAPTERS
 
             probe = curvlab.CurvatureOptimizer(
-                model,
-                lr=0.0,
-                gamma=0.0,
-                adapters=OFFICIAL_ADAPTERS,
-                normalizer="identity",
-                curvature_interval=interval,
-                damp_fallback=False,
-                warn_on_fallback=False,
+                model, lr=0.0, gamma=0.0, adapters=OFFICIAL_ADAPTERS, normalizer="identity",
+                curvature_interval=interval, damp_fallback=False, warn_on_fallback=False,
             )
         index = batches(len(data.x_train), batch_size, seed)
         s = {"steps": [], "interval": interval, "loss": [], "layers": {}}
@@ -1181,27 +1044,17 @@ def curvature_range(
                 # what min-max sees: the raw estimate (official) or the EMA (paper); its largest
                 # normalised value is range / (range + ε), far below 1 when range ≲ ε
                 source = (probe if probe is not None else opt).curvature_state
-                ranges = {
-                    n: {k: (st[k].max() - st[k].min()).item() for k in ("H", "S")}
-                    for n, st in source.items()
-                }
-                updates.append(
-                    dict(
-                        update=len(updates) + 1,
-                        step=step,
-                        min=every.min().item(),
-                        max=every.max().item(),
-                        per_layer={
-                            n: dict(min=r.min().item(), max=r.max().item())
-                            for n, r in ratios.items()
-                        },
-                        factor_range=ranges,
-                        minmax_max={
-                            n: {k: v / (v + eps) if v + eps > 0 else 0.0 for k, v in r.items()}
-                            for n, r in ranges.items()
-                        },
-                    )
-                )
+                ranges = {n: {k: (st[k].max() - st[k].min()).item() for k in ("H", "S")}
+                          for n, st in source.items()}
+                updates.append(dict(
+                    update=len(updates) + 1, step=step,
+                    min=every.min().item(), max=every.max().item(),
+                    per_layer={n: dict(min=r.min().item(), max=r.max().item())
+                               for n, r in ratios.items()},
+                    factor_range=ranges,
+                    minmax_max={n: {k: v / (v + eps) if v + eps > 0 else 0.0
+                                    for k, v in r.items()} for n, r in ranges.items()},
+                ))
             if step in hist_steps:
                 hists[step] = dict(ratios)
             bar.update()
@@ -1221,26 +1074,19 @@ def curvature_range(
 
         third = updates[2]["step"] if len(updates) >= 3 else None
         results[variant] = dict(
-            curvature_interval=interval,
-            damping=lam,
-            minmax_eps=eps,
-            updates=len(updates),
-            minmax_sees="raw estimates (min-max before the EMA)"
-            if probe is not None
+            curvature_interval=interval, damping=lam, minmax_eps=eps, updates=len(updates),
+            minmax_sees="raw estimates (min-max before the EMA)" if probe is not None
             else "the EMA of raw estimates",
             range_all_steps=overall(1),
             range_after_third_update=overall(third) if third else None,
             # every update for the official variant; the paper one updates every step: the
             # first 10, every 50th and the last (the per-step series has all of them)
-            per_update=[
-                u
-                for i, u in enumerate(updates)
-                if i < 10 or u["update"] % 50 == 0 or i == len(updates) - 1
-            ],
-            per_layer_final={n: {k: v[-1] for k, v in e.items()} for n, e in s["layers"].items()},
-            per_layer_all_steps={
-                n: dict(min=min(e["min"]), max=max(e["max"])) for n, e in s["layers"].items()
-            },
+            per_update=[u for i, u in enumerate(updates)
+                        if i < 10 or u["update"] % 50 == 0 or i == len(updates) - 1],
+            per_layer_final={n: {k: v[-1] for k, v in e.items()}
+                             for n, e in s["layers"].items()},
+            per_layer_all_steps={n: dict(min=min(e["min"]), max=max(e["max"]))
+                                 for n, e in s["layers"].items()},
             final_train_loss=sum(s["loss"][-10:]) / len(s["loss"][-10:]),
             test_accuracy=accuracy(model, data.x_test, data.y_test),
             histogram_steps=sorted(hists),
@@ -1250,16 +1096,11 @@ def curvature_range(
     _plot_histograms(out / "histograms.png", all_hists)
     result = dict(
         analysis="curvature-range",
-        config=dict(
-            model=f"DigitsCNN(width={width})",
-            lr=lr,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-            paper_interval=paper_interval,
-            official_interval=official_interval,
-            ratio="opt.preconditioner(p) / λ over every parameter of every supported layer",
-        ),
+        config=dict(model=f"DigitsCNN(width={width})", lr=lr, steps=steps,
+                    batch_size=batch_size, seed=seed, paper_interval=paper_interval,
+                    official_interval=official_interval,
+                    ratio="opt.preconditioner(p) / λ over every parameter of every supported "
+                          "layer"),
         variants=results,
         series={v: dict(steps=s["steps"], layers=s["layers"]) for v, s in series.items()},
         figures=["range_over_steps.png", "histograms.png"],
@@ -1270,14 +1111,10 @@ def curvature_range(
 
 # -- command line ---------------------------------------------------------------------------------
 ANALYSES: dict[str, tuple[Callable[..., dict], str]] = {
-    "diagonal-concentration": (
-        diagonal_concentration,
-        "diagonal concentration of full Kronecker factors (digits CNN)",
-    ),
-    "diagonal-accuracy": (
-        diagonal_accuracy,
-        "MAE of curvlab's Fisher diagonal vs BackPACK DiagGGN exact / MC",
-    ),
+    "diagonal-concentration": (diagonal_concentration,
+                               "diagonal concentration of full Kronecker factors (digits CNN)"),
+    "diagonal-accuracy": (diagonal_accuracy,
+                          "MAE of curvlab's Fisher diagonal vs BackPACK DiagGGN exact / MC"),
     "trajectories": (trajectories, "AdaFisher / Adam / K-FAC / SGD trajectories on iris"),
     "curvature-range": (curvature_range, "F/λ over training, paper vs official variant"),
 }
@@ -1303,25 +1140,21 @@ def headline(name: str, result: dict) -> list[str]:
             )
     elif name == "trajectories":
         for opt, r in result["optimizers"].items():
-            lines.append(
-                f"{opt}: loss {r['final_train_loss']:.4f}, test acc "
-                f"{r['test_accuracy']:.3f}, path length {r['path_length']:.3f}"
-            )
+            lines.append(f"{opt}: loss {r['final_train_loss']:.4f}, test acc "
+                         f"{r['test_accuracy']:.3f}, path length {r['path_length']:.3f}")
     elif name == "curvature-range":
         for variant, r in result["variants"].items():
             a = r["range_all_steps"]
             lines.append(f"{variant}: F/λ over all steps [{a['min']:.4g}, {a['max']:.4g}]")
             t = r["range_after_third_update"]
             if t:
-                lines.append(
-                    f"{variant}: after the 3rd curvature update [{t['min']:.4g}, {t['max']:.4g}]"
-                )
+                lines.append(f"{variant}: after the 3rd curvature update "
+                             f"[{t['min']:.4g}, {t['max']:.4g}]")
     return lines
 
 
-def run(
-    name: str, out: str | Path | None = None, num_threads: int | None = 1, **kwargs: Any
-) -> dict[str, Any]:
+def run(name: str, out: str | Path | None = None, num_threads: int | None = 1,
+        **kwargs: Any) -> dict[str, Any]:
     """Run one analysis by name (``kwargs`` go to its function); returns its results."""
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis {name!r}; choose from {sorted(ANALYSES)}")
@@ -1336,34 +1169,17 @@ def run(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=[*ANALYSES, "all"], help="which analysis ('all': every one)")
-    p.add_argument(
-        "--out",
-        default=None,
-        help=f"output directory (default {DEFAULT_OUT}/NAME; with 'all', DIR/NAME)",
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="training steps (default: each analysis's own, see the docs)",
-    )
+    p.add_argument("--out", default=None,
+                   help=f"output directory (default {DEFAULT_OUT}/NAME; with 'all', DIR/NAME)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: each analysis's own, see the docs)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: tiny models, shared machines)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="options",
-        help="another keyword of the analysis function, as a Python literal, e.g. "
-        "--set width=16 or --set \"learning_rates={'Adam': 0.01}\" "
-        "(repeatable; see each function's signature)",
-    )
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: tiny models, shared machines)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="another keyword of the analysis function, as a Python literal, e.g. "
+                        "--set width=16 or --set \"learning_rates={'Adam': 0.01}\" "
+                        "(repeatable; see each function's signature)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, summary lines only")
 
 
@@ -1373,20 +1189,15 @@ def parse_options(items: list[str], name: str) -> dict[str, Any]:
     import ast
     import inspect
 
-    known = [
-        k
-        for k in inspect.signature(ANALYSES[name][0]).parameters
-        if k not in ("out", "steps", "seed", "quiet")
-    ]
+    known = [k for k in inspect.signature(ANALYSES[name][0]).parameters
+             if k not in ("out", "steps", "seed", "quiet")]
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in known:
-            raise SystemExit(
-                f"curvlab analyze {name}: --set {item!r}: expected KEY=VALUE with "
-                f"KEY one of {', '.join(known)}"
-            )
+            raise SystemExit(f"curvlab analyze {name}: --set {item!r}: expected KEY=VALUE with "
+                             f"KEY one of {', '.join(known)}")
         try:
             options[key] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -1403,19 +1214,10 @@ def main(args: argparse.Namespace) -> int:
             out = DEFAULT_OUT / name
         else:
             out = Path(args.out) / name if args.name == "all" else Path(args.out)
-        result = run(
-            name,
-            out,
-            args.threads,
-            steps=args.steps,
-            seed=args.seed,
-            quiet=args.quiet,
-            **parse_options(args.options, name),
-        )
-        print(
-            f"{name}: {result['wall_time_s']:.1f} s, wrote {out}/results.json and "
-            f"{', '.join(result['figures'])}"
-        )
+        result = run(name, out, args.threads, steps=args.steps, seed=args.seed,
+                     quiet=args.quiet, **parse_options(args.options, name))
+        print(f"{name}: {result['wall_time_s']:.1f} s, wrote {out}/results.json and "
+              f"{', '.join(result['figures'])}")
         for line in headline(name, result):
             print(f"  {line}")
     return 0

@@ -20,22 +20,15 @@ def task(fn: Callable[..., dict] = train) -> Callable[..., dict]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="path to a .gin file (e.g. configs/digits_adafisher.gin)")
     p.add_argument(
-        "--bind",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
+        "--bind", action="append", default=[], metavar="KEY=VALUE",
         help="extra gin binding, e.g. --bind optimizer.lr=0.01 (repeatable)",
     )
     p.add_argument(
-        "--out",
-        default=None,
+        "--out", default=None,
         help="directory for metrics.jsonl, summary.json, operative_config.gin",
     )
     p.add_argument(
-        "--plugins",
-        action="append",
-        default=[],
-        metavar="FILE.py",
+        "--plugins", action="append", default=[], metavar="FILE.py",
         help="import a plugin file (it registers itself) before parsing the config (repeatable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, final line only")

@@ -131,21 +131,8 @@ def train(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _train(
-            model,
-            data,
-            optimizer,
-            epochs,
-            batch_size,
-            seed,
-            device,
-            augment,
-            time_budget_s,
-            out_dir,
-            quiet,
-            checkpoint_every,
-            resume,
-        )
+        return _train(model, data, optimizer, epochs, batch_size, seed, device, augment,
+                      time_budget_s, out_dir, quiet, checkpoint_every, resume)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -210,9 +197,7 @@ def _train(
         summary: dict[str, float] = history[-1] if history else {}
         local_batch = batch_size // ctx.world
         bar = tqdm(
-            range(start_epoch, epochs),
-            desc="epochs",
-            disable=quiet or not ctx.is_main,
+            range(start_epoch, epochs), desc="epochs", disable=quiet or not ctx.is_main,
             leave=False,
         )
         for epoch in bar:

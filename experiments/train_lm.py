@@ -186,26 +186,9 @@ def train_lm(
         torch.set_num_threads(num_threads)
     try:
         return _train_lm(
-            model,
-            data,
-            optimizer,
-            steps,
-            time_budget_s,
-            budget_clock,
-            batch_size,
-            context,
-            seed,
-            device,
-            warmup_steps,
-            schedule,
-            grad_clip,
-            eval_every,
-            eval_tokens,
-            final_eval_tokens,
-            eval_batch_size,
-            evaluate_test,
-            out_dir,
-            quiet,
+            model, data, optimizer, steps, time_budget_s, budget_clock, batch_size, context,
+            seed, device, warmup_steps, schedule, grad_clip, eval_every, eval_tokens,
+            final_eval_tokens, eval_batch_size, evaluate_test, out_dir, quiet,
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -219,26 +202,9 @@ def _loadavg() -> float | None:
 
 
 def _train_lm(
-    model,
-    data,
-    optimizer,
-    steps,
-    time_budget_s,
-    budget_clock,
-    batch_size,
-    context,
-    seed,
-    device,
-    warmup_steps,
-    schedule,
-    grad_clip,
-    eval_every,
-    eval_tokens,
-    final_eval_tokens,
-    eval_batch_size,
-    evaluate_test,
-    out_dir,
-    quiet,
+    model, data, optimizer, steps, time_budget_s, budget_clock, batch_size, context, seed,
+    device, warmup_steps, schedule, grad_clip, eval_every, eval_tokens, final_eval_tokens,
+    eval_batch_size, evaluate_test, out_dir, quiet,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -400,6 +366,7 @@ def _train_lm(
 __all__ = ["evaluate_lm", "sample_batch", "train_lm", "windows"]
 
 
+
 # -- study report ---------------------------------------------------------------------------------
 def _read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     summary_path, metrics_path = folder / "summary.json", folder / "metrics.jsonl"
@@ -441,33 +408,21 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
             run = _read_run(folder) if m else None
             if run:
                 s, _ = run
-                sweep.append(
-                    dict(
-                        optimizer=m.group(1),
-                        lr=float(m.group(2)),
-                        steps=s["steps"],
-                        val_loss=s["val_loss"],
-                        val_ppl=s["val_ppl"],
-                        val_bpb=s["val_bpb"],
-                        train_cpu_s=s["train_cpu_s"],
-                        loadavg=s["loadavg_start"],
-                    )
-                )
+                sweep.append(dict(optimizer=m.group(1), lr=float(m.group(2)), steps=s["steps"],
+                                  val_loss=s["val_loss"], val_ppl=s["val_ppl"],
+                                  val_bpb=s["val_bpb"], train_cpu_s=s["train_cpu_s"],
+                                  loadavg=s["loadavg_start"]))
         sweep.sort(key=lambda r: (r["optimizer"], r["lr"]))
         best = {}
         for r in sweep:
             if r["optimizer"] not in best or r["val_loss"] < best[r["optimizer"]]["val_loss"]:
                 best[r["optimizer"]] = r
-        lines += [
-            "| optimizer | lr | steps | val loss | val ppl | val bpb | chosen |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        lines += ["| optimizer | lr | steps | val loss | val ppl | val bpb | chosen |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sweep:
             chosen = "**yes**" if best[r["optimizer"]] is r else ""
-            lines.append(
-                f"| {r['optimizer']} | {r['lr']:g} | {r['steps']} | {r['val_loss']:.4f} "
-                f"| {r['val_ppl']:.3f} | {r['val_bpb']:.4f} | {chosen} |"
-            )
+            lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['steps']} | {r['val_loss']:.4f} "
+                         f"| {r['val_ppl']:.3f} | {r['val_bpb']:.4f} | {chosen} |")
         lines.append("")
         (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
 
@@ -484,11 +439,8 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
         for name, items in runs.items():
             for seed, _, rows in items:
                 for r in rows:
-                    row = dict(
-                        optimizer=name,
-                        seed=seed,
-                        **{k: v for k, v in r.items() if k != "corpus_fingerprint"},
-                    )
+                    row = dict(optimizer=name, seed=seed,
+                               **{k: v for k, v in r.items() if k != "corpus_fingerprint"})
                     if writer is None:
                         writer = csv.DictWriter(f, fieldnames=list(row))
                         writer.writeheader()
@@ -502,11 +454,9 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
         return f"{mean(xs):.{digits}f}{spread}"
 
     table = []
-    lines += [
-        "| optimizer | steps | ms/step wall | ms/step CPU | load avg | val loss | val ppl "
-        "| val bpb | test loss | test ppl | test bpb |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += ["| optimizer | steps | ms/step wall | ms/step CPU | load avg | val loss | val ppl "
+              "| val bpb | test loss | test ppl | test bpb |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, items in runs.items():
         ss = [s for _, s, _ in items]
 
@@ -514,28 +464,11 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
             return [s[key] for s in ss]
 
         loads = [x for s in ss for x in (s["loadavg_start"], s["loadavg_end"]) if x is not None]
-        table.append(
-            dict(
-                optimizer=name,
-                seeds=[seed for seed, _, _ in items],
-                **{
-                    k: col(k)
-                    for k in (
-                        "steps",
-                        "step_time_ms",
-                        "val_loss",
-                        "val_ppl",
-                        "val_bpb",
-                        "test_loss",
-                        "test_ppl",
-                        "test_bpb",
-                        "train_time_s",
-                        "train_cpu_s",
-                    )
-                },
-                loadavg=loads,
-            )
-        )
+        table.append(dict(optimizer=name, seeds=[seed for seed, _, _ in items],
+                          **{k: col(k) for k in ("steps", "step_time_ms", "val_loss", "val_ppl",
+                                                  "val_bpb", "test_loss", "test_ppl", "test_bpb",
+                                                  "train_time_s", "train_cpu_s")},
+                          loadavg=loads))
         cpu_ms = [1000 * s["train_cpu_s"] / s["steps"] for s in ss]
         lines.append(
             f"| {name} | {fmt(col('steps'), 0)} | {fmt(col('step_time_ms'), 0)} "
@@ -546,32 +479,20 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
     lines.append("")
 
     # equal steps: the last periodic evaluation step that every run reached
-    common_step = min(
-        max(r["step"] for r in rows if r["step"] % 100 == 0)
-        for items in runs.values()
-        for _, _, rows in items
-    )
+    common_step = min(max(r["step"] for r in rows if r["step"] % 100 == 0)
+                      for items in runs.values() for _, _, rows in items)
     common_cpu = min(rows[-1]["train_cpu_s"] for items in runs.values() for _, _, rows in items)
-    lines += [
-        f"| optimizer | val loss at step {common_step} | val ppl at step {common_step} "
-        f"| val loss at {common_cpu:.0f} s CPU "
-        f"| train time to step {common_step} (wall / CPU) |",
-        "|---|---|---|---|---|",
-    ]
+    lines += [f"| optimizer | val loss at step {common_step} | val ppl at step {common_step} "
+              f"| val loss at {common_cpu:.0f} s CPU "
+              f"| train time to step {common_step} (wall / CPU) |",
+              "|---|---|---|---|---|"]
     equal = []
     for name, items in runs.items():
         at_step = [next(r for r in rows if r["step"] == common_step) for _, _, rows in items]
         at_cpu = [_interp(rows, "train_cpu_s", common_cpu) for _, _, rows in items]
         losses = [r["val_loss"] for r in at_step]
-        equal.append(
-            dict(
-                optimizer=name,
-                step=common_step,
-                val_loss=losses,
-                cpu_s=common_cpu,
-                val_loss_at_cpu=at_cpu,
-            )
-        )
+        equal.append(dict(optimizer=name, step=common_step, val_loss=losses,
+                          cpu_s=common_cpu, val_loss_at_cpu=at_cpu))
         lines.append(
             f"| {name} | {fmt(losses)} | {fmt([math.exp(x) for x in losses], 2)} | {fmt(at_cpu)} "
             f"| {mean([r['train_time_s'] for r in at_step]):.0f} s / "
@@ -592,8 +513,7 @@ def report(study_dir: str, sweep_dir: str | None, out_dir: str) -> str:
             axes[1].plot([r["step"] for r in rows], [r["val_loss"] for r in rows], **style)
             axes[2].plot([r["train_cpu_s"] for r in rows], [r["val_ppl"] for r in rows], **style)
     for ax, xlabel, ylabel in zip(
-        axes,
-        ("training wall-clock (s)", "step", "training CPU time (s)"),
+        axes, ("training wall-clock (s)", "step", "training CPU time (s)"),
         ("validation loss (nats/byte)", "validation loss (nats/byte)", "validation perplexity"),
         strict=True,
     ):

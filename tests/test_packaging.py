@@ -1,9 +1,8 @@
 """Every package folder under curvlab/, plugins/ and experiments/ is listed in pyproject.toml, so
 a built wheel contains it (editable installs would hide a missing entry)."""
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -110,8 +110,7 @@ def list_files(
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = Path(dirpath).relative_to(root).parts
         dirnames[:] = [
-            d
-            for d in dirnames
+            d for d in dirnames
             if d not in EXCLUDED_DIRS and not (not rel_dir and d.startswith("config-"))
         ]
         for name in filenames:
@@ -158,17 +157,11 @@ def split_files(
 
 def _cache_key(root: Path, files: list[str], options: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            dict(
-                format=CACHE_FORMAT,
-                root=str(root.resolve()),
-                python=platform.python_version(),
-                options=options,
-            ),
-            sort_keys=True,
-        ).encode()
-    )
+    h.update(json.dumps(
+        dict(format=CACHE_FORMAT, root=str(root.resolve()), python=platform.python_version(),
+             options=options),
+        sort_keys=True,
+    ).encode())
     for rel in files:
         st = (root / rel).stat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -186,7 +179,9 @@ def build(
         data = (root / rel).read_bytes()
         contents[rel] = data
         fingerprint.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
-    streams = {s: b"".join(contents[f] + SEPARATOR for f in parts[s]) for s in SPLITS}
+    streams = {
+        s: b"".join(contents[f] + SEPARATOR for f in parts[s]) for s in SPLITS
+    }
     info = dict(
         corpus="stdlib",
         fingerprint=fingerprint.hexdigest(),
@@ -242,12 +237,8 @@ def stdlib_corpus(
             f"the selection holds {len(files)} file(s) under {root}; a train/valid/test split "
             f"by file needs at least 3"
         )
-    options = dict(
-        include=list(include) if include is not None else None,
-        max_files=max_files,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-    )
+    options = dict(include=list(include) if include is not None else None, max_files=max_files,
+                   valid_fraction=valid_fraction, test_fraction=test_fraction)
     cached = None
     folder = None
     if use_cache:
@@ -301,7 +292,9 @@ def wikitext2_corpus(root: str | os.PathLike | None = None, tokenizer: str = "by
         from curvlab.experiments.data.wikitext import find_wikitext2
 
         paths = find_wikitext2(root)
-        bytes_per_token = {s: paths[s].stat().st_size / max(1, len(streams[s])) for s in SPLITS}
+        bytes_per_token = {
+            s: paths[s].stat().st_size / max(1, len(streams[s])) for s in SPLITS
+        }
     h = hashlib.sha256()
     for s in SPLITS:
         h.update(s.encode() + b"\0" + streams[s].numpy().tobytes())
@@ -315,9 +308,8 @@ def wikitext2_corpus(root: str | os.PathLike | None = None, tokenizer: str = "by
         bytes_per_token=bytes_per_token,
         vocab_size=split.vocab_size,
     )
-    return LMCorpus(
-        streams["train"], streams["valid"], streams["test"], split.vocab_size, split.vocab, info
-    )
+    return LMCorpus(streams["train"], streams["valid"], streams["test"], split.vocab_size,
+                    split.vocab, info)
 
 
 def corpus_info(corpus: Any) -> dict[str, Any]:

@@ -36,11 +36,8 @@ class CausalSelfAttention(nn.Module):
             return y.view(b, t, h, d // h).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(
-            heads(self.q(x)),
-            heads(self.k(x)),
-            heads(self.v(x)),
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0, is_causal=True,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)))
 
@@ -54,9 +51,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model),
-            nn.GELU(),
-            nn.Linear(4 * d_model, d_model),
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
             nn.Dropout(dropout),
         )
 

@@ -40,12 +40,7 @@ def _activation(name: str) -> nn.Module:
 
 class ConvBNAct(nn.Sequential):
     def __init__(
-        self,
-        cin: int,
-        cout: int,
-        kernel: int,
-        stride: int = 1,
-        groups: int = 1,
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
         act: str | None = "hardswish",
     ) -> None:
         layers: list[nn.Module] = [

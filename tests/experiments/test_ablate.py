@@ -26,10 +26,7 @@ def test_grid_file_defines_runs_in_order(tmp_path):
     grid = ablate.load_grid(tmp_path / "grid.gin", ["ablate.seeds = [3, 4]"])
     runs = grid.runs(tmp_path / "out", ["train.batch_size = 32"])
     assert [(r.variant, r.seed) for r in runs] == [
-        ("adafisher", 3),
-        ("adafisher", 4),
-        ("sqrt", 3),
-        ("sqrt", 4),
+        ("adafisher", 3), ("adafisher", 4), ("sqrt", 3), ("sqrt", 4)
     ]
     sqrt = runs[2]
     assert sqrt.config == str(CONFIG_ROOT / "digits_adafisher.gin")
@@ -58,12 +55,8 @@ def test_grid_without_base_uses_each_variants_first_config(tmp_path):
 
 @pytest.mark.parametrize(
     ("variants", "seeds", "match"),
-    [
-        ({}, (0,), "empty"),
-        ({"a/b": ()}, (0,), "must match"),
-        ({"a": ()}, (1, 1), "distinct"),
-        ({"a": "x.gin"}, (0,), "list"),
-    ],
+    [({}, (0,), "empty"), ({"a/b": ()}, (0,), "must match"), ({"a": ()}, (1, 1), "distinct"),
+     ({"a": "x.gin"}, (0,), "list")],
 )
 def test_grid_is_validated(variants, seeds, match):
     with pytest.raises(ValueError, match=match):
@@ -72,28 +65,10 @@ def test_grid_is_validated(variants, seeds, match):
 
 def test_markdown_table_mean_and_sample_std():
     rows = [
-        dict(
-            variant="a",
-            seed=0,
-            status="ok",
-            epoch=2,
-            train_loss=1.0,
-            test_loss=2.0,
-            test_accuracy=0.9,
-            train_time_s=1.0,
-            time_s=1.5,
-        ),
-        dict(
-            variant="a",
-            seed=1,
-            status="ok",
-            epoch=2,
-            train_loss=3.0,
-            test_loss=2.0,
-            test_accuracy=0.8,
-            train_time_s=3.0,
-            time_s=3.5,
-        ),
+        dict(variant="a", seed=0, status="ok", epoch=2, train_loss=1.0, test_loss=2.0,
+             test_accuracy=0.9, train_time_s=1.0, time_s=1.5),
+        dict(variant="a", seed=1, status="ok", epoch=2, train_loss=3.0, test_loss=2.0,
+             test_accuracy=0.8, train_time_s=3.0, time_s=3.5),
         dict(variant="b", seed=0, status="missing", **dict.fromkeys(ablate.METRICS, "")),
     ]
     table = ablate.markdown_table(rows)
@@ -126,10 +101,7 @@ def test_grid_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["variant"], r["seed"], r["status"]) for r in rows] == [
-        ("adafisher", "0", "ok"),
-        ("adafisher", "1", "ok"),
-        ("sqrt", "0", "ok"),
-        ("sqrt", "1", "ok"),
+        ("adafisher", "0", "ok"), ("adafisher", "1", "ok"), ("sqrt", "0", "ok"), ("sqrt", "1", "ok")
     ]
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 and r["epoch"] == "2" for r in rows)
 
@@ -139,12 +111,8 @@ def test_grid_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert all(line.count("±") == 5 and "| 2/2 |" in line for line in table)
     assert "curvlab ablate" in md
 
-    for stem in (
-        "train_loss_vs_epoch",
-        "test_accuracy_vs_epoch",
-        "train_loss_vs_time",
-        "test_accuracy_vs_time",
-    ):
+    for stem in ("train_loss_vs_epoch", "test_accuracy_vs_epoch", "train_loss_vs_time",
+                 "test_accuracy_vs_time"):
         png = out / f"{stem}.png"
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -154,14 +122,8 @@ def test_grid_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert finished(out) == before
 
     # a run whose bindings changed is stale: it runs again
-    only_one = [
-        "--bind",
-        "ablate.variants = {'sqrt': ['ablations/sqrt.gin']}",
-        "--bind",
-        "ablate.seeds = [0]",
-        "--run-bind",
-        "train.epochs = 1",
-    ]
+    only_one = ["--bind", "ablate.variants = {'sqrt': ['ablations/sqrt.gin']}",
+                "--bind", "ablate.seeds = [0]", "--run-bind", "train.epochs = 1"]
     assert cli.main([*argv, *only_one]) == 0
     assert "1 runs (1 ran, 0 skipped, 0 failed)" in capsys.readouterr().out
     assert json.loads((out / "sqrt" / "seed_0" / "summary.json").read_text())["epoch"] == 1

@@ -80,9 +80,8 @@ def test_kronecker_diagonal_scaling_matches_backpack_for_one_sample():
     refs = analyses.backpack_fisher_diagonals(model_fn, state, x, y)
     assert set(ours) == {"0", "2", "6"}
     for role in ("weight", "bias"):
-        torch.testing.assert_close(
-            ours["6"][role], refs["empirical"]["6"][role], rtol=1e-5, atol=1e-9
-        )
+        torch.testing.assert_close(ours["6"][role], refs["empirical"]["6"][role],
+                                   rtol=1e-5, atol=1e-9)
     for name in ("0", "2"):
         ratio = analyses._flat(ours[name]).sum() / analyses._flat(refs["empirical"][name]).sum()
         assert 0.1 < ratio.item() < 10
@@ -109,20 +108,11 @@ def test_loss_surface_matches_the_model_at_its_own_coordinates():
 
 # -- each analysis, tiny settings -----------------------------------------------------------------
 def test_diagonal_concentration_tiny(tmp_path):
-    r = analyses.run(
-        "diagonal-concentration",
-        tmp_path,
-        steps=3,
-        quiet=True,
-        width=4,
-        checkpoints=2,
-        noise_draws=2,
-    )
+    r = analyses.run("diagonal-concentration", tmp_path, steps=3, quiet=True, width=4,
+                     checkpoints=2, noise_draws=2)
     assert r["config"]["checkpoints"] == [1, 3]
-    _pngs_written(
-        tmp_path,
-        ["concentration.png", "factors_final.png", "gershgorin_step1.png", "gershgorin_step3.png"],
-    )
+    _pngs_written(tmp_path, ["concentration.png", "factors_final.png",
+                             "gershgorin_step1.png", "gershgorin_step3.png"])
     saved = _json(tmp_path)
     assert saved["figures"] == r["figures"] and len(saved["checkpoints"]) == 2
     assert set(saved["final"]) == {"0", "3", "8"}  # Conv2d, Conv2d, Linear of the digits CNN
@@ -140,9 +130,8 @@ def test_diagonal_concentration_tiny(tmp_path):
 
 
 def test_diagonal_accuracy_tiny(tmp_path):
-    r = analyses.run(
-        "diagonal-accuracy", tmp_path, steps=2, quiet=True, width=2, eval_batch=16, checkpoints=3
-    )
+    r = analyses.run("diagonal-accuracy", tmp_path, steps=2, quiet=True, width=2, eval_batch=16,
+                     checkpoints=3)
     assert r["config"]["checkpoints"] == [0, 1, 2]
     _pngs_written(tmp_path, ["mae_over_training.png", "diagonal_scatter_final.png"])
     saved = _json(tmp_path)
@@ -201,21 +190,8 @@ def test_curvature_range_tiny(tmp_path):
 
 def test_cli_analyze(tmp_path, capsys):
     out = tmp_path / "traj"
-    code = cli.main(
-        [
-            "analyze",
-            "trajectories",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-            "--quiet",
-            "--set",
-            "grid=8",
-            "--set",
-            "learning_rates={'Adam': 0.01}",
-        ]
-    )
+    code = cli.main(["analyze", "trajectories", "--steps", "2", "--out", str(out), "--quiet",
+                     "--set", "grid=8", "--set", "learning_rates={'Adam': 0.01}"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "trajectories:" in printed and "AdaFisher: loss" in printed
@@ -233,6 +209,5 @@ def test_unknown_analysis_is_an_error(tmp_path):
 
 
 def test_plain_cnn_has_no_batchnorm():
-    assert not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in analyses.PlainCNN().modules()
-    )
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for m in analyses.PlainCNN().modules())

@@ -53,12 +53,9 @@ def test_cifar10_reads_the_python_pickle_layout(tmp_path):
     # channel-major rows, standardised per channel with the training statistics
     raw = torch.tensor(batches["data_batch_1"][b"data"][0], dtype=torch.float32)
     pixel = raw.reshape(3, 32, 32)[:, 5, 7] / 255
-    all_train = (
-        torch.tensor(
-            np.concatenate([batches[f][b"data"] for f in CIFAR10_TRAIN]), dtype=torch.float32
-        ).reshape(-1, 3, 32, 32)
-        / 255
-    )
+    all_train = torch.tensor(
+        np.concatenate([batches[f][b"data"] for f in CIFAR10_TRAIN]), dtype=torch.float32
+    ).reshape(-1, 3, 32, 32) / 255
     mean, std = all_train.mean((0, 2, 3)), all_train.std((0, 2, 3))
     torch.testing.assert_close(split.x_train[0, :, 5, 7], (pixel - mean) / std)
     torch.testing.assert_close(split.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
@@ -132,9 +129,7 @@ def test_augment_crop_is_a_window_of_the_padded_image():
     shifts = []
     for o, p in zip(out, padded, strict=True):
         hits = [
-            (dy, dx)
-            for dy in range(9)
-            for dx in range(9)
+            (dy, dx) for dy in range(9) for dx in range(9)
             if torch.equal(o, p[:, dy : dy + 32, dx : dx + 32])
         ]
         assert hits, "output is not a crop of the zero-padded image"

@@ -88,11 +88,8 @@ def test_subset_corpus_is_deterministic_cached_and_split_by_file(tmp_path):
         assert torch.equal(getattr(a, s), getattr(c, s))
     parts = {s: set(a.info["split_files"][s]) for s in ("train", "valid", "test")}
     assert all(parts.values())
-    assert not (
-        parts["train"] & parts["valid"]
-        or parts["train"] & parts["test"]
-        or parts["valid"] & parts["test"]
-    )
+    assert not (parts["train"] & parts["valid"] or parts["train"] & parts["test"]
+                or parts["valid"] & parts["test"])
     assert set().union(*parts.values()) == set(list_files(include=SUBSET))
     assert sum(a.info["tokens"].values()) == a.info["total_bytes"] + a.info["n_files"]
     assert corpus_info(a)["fingerprint"] == a.info["fingerprint"]
@@ -126,19 +123,9 @@ def test_train_lm_writes_metrics_and_stops_on_its_budgets(tmp_path):
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    summary = train_lm(
-        model=tiny_gpt,
-        data=tiny_corpus,
-        optimizer=adamw,
-        steps=12,
-        batch_size=4,
-        eval_every=5,
-        eval_tokens=512,
-        final_eval_tokens=1024,
-        warmup_steps=3,
-        out_dir=tmp_path,
-        quiet=True,
-    )
+    summary = train_lm(model=tiny_gpt, data=tiny_corpus, optimizer=adamw, steps=12, batch_size=4,
+                       eval_every=5, eval_tokens=512, final_eval_tokens=1024, warmup_steps=3,
+                       out_dir=tmp_path, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 5, 10, 12]
     assert rows[0]["val_loss"] == pytest.approx(math.log(256), abs=0.1)
@@ -151,17 +138,9 @@ def test_train_lm_writes_metrics_and_stops_on_its_budgets(tmp_path):
     assert summary["test_ppl"] == pytest.approx(math.exp(summary["test_loss"]))
     assert (tmp_path / "operative_config.gin").is_file()
 
-    short = train_lm(
-        model=tiny_gpt,
-        data=tiny_corpus,
-        optimizer=adamw,
-        steps=1000,
-        time_budget_s=0.0,
-        eval_tokens=256,
-        final_eval_tokens=256,
-        evaluate_test=False,
-        quiet=True,
-    )
+    short = train_lm(model=tiny_gpt, data=tiny_corpus, optimizer=adamw, steps=1000,
+                     time_budget_s=0.0, eval_tokens=256, final_eval_tokens=256,
+                     evaluate_test=False, quiet=True)
     assert short["steps"] == 1 and short["test_loss"] is None
 
 
@@ -175,16 +154,8 @@ def test_plain_text_split_is_accepted():
     def sgd(model):
         return torch.optim.SGD(model.parameters(), lr=0.1)
 
-    summary = train_lm(
-        model=tiny_gpt,
-        data=data,
-        optimizer=sgd,
-        steps=2,
-        batch_size=2,
-        eval_tokens=128,
-        final_eval_tokens=128,
-        quiet=True,
-    )
+    summary = train_lm(model=tiny_gpt, data=data, optimizer=sgd, steps=2, batch_size=2,
+                       eval_tokens=128, final_eval_tokens=128, quiet=True)
     assert len(summary["corpus_fingerprint"]) == 64 and summary["val_bpb"] is None
 
 
@@ -239,11 +210,8 @@ def test_gpt_parameters_are_covered_by_adapters():
 def test_wikitext2_corpus_has_the_same_interface(tmp_path):
     from curvlab.experiments.data.stdlib_corpus import wikitext2_corpus
 
-    for split, text in (
-        ("train", " = A = \n the cat sat \n"),
-        ("valid", " the dog \n"),
-        ("test", " a cat \n"),
-    ):
+    for split, text in (("train", " = A = \n the cat sat \n"), ("valid", " the dog \n"),
+                        ("test", " a cat \n")):
         (tmp_path / f"wiki.{split}.tokens").write_text(text)
     with pytest.raises(FileNotFoundError, match="WikiText-2 not found"):
         wikitext2_corpus(root=tmp_path / "missing")

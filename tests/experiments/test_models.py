@@ -38,8 +38,7 @@ def test_mobilenet_v3_small_parts_and_shape():
     assert torch.nn.Hardswish in kinds
     assert any(type(m).__name__ == "SqueezeExcitation" for m in model.modules())
     depthwise = [
-        m
-        for m in model.modules()
+        m for m in model.modules()
         if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
     ]
     assert len(depthwise) == 11

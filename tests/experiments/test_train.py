@@ -24,9 +24,8 @@ def mlp():
 
 
 def test_train_writes_metrics_summary_and_config(tmp_path):
-    summary = train(
-        model=mlp, data=tiny_digits, optimizer=sgd, epochs=2, out_dir=tmp_path, quiet=True
-    )
+    summary = train(model=mlp, data=tiny_digits, optimizer=sgd, epochs=2, out_dir=tmp_path,
+                    quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1] == summary == json.loads((tmp_path / "summary.json").read_text())
@@ -36,9 +35,8 @@ def test_train_writes_metrics_summary_and_config(tmp_path):
 
 
 def test_time_budget_stops_after_the_epoch_that_exceeds_it():
-    summary = train(
-        model=mlp, data=tiny_digits, optimizer=sgd, epochs=50, time_budget_s=0.0, quiet=True
-    )
+    summary = train(model=mlp, data=tiny_digits, optimizer=sgd, epochs=50, time_budget_s=0.0,
+                    quiet=True)
     assert summary["epoch"] == 1 and summary["time_budget_s"] == 0.0
 
 
@@ -60,15 +58,9 @@ def test_budget_from_a_reference_run(tmp_path):
         reference_time(tmp_path / "nowhere", 1)
 
     write_reference(tmp_path / "instant", [0.0, 0.0])
-    summary = train(
-        model=mlp,
-        data=tiny_digits,
-        optimizer=sgd,
-        epochs=20,
-        time_budget_from=str(tmp_path / "instant" / "summary.json"),
-        time_budget_epochs=2,
-        quiet=True,
-    )
+    summary = train(model=mlp, data=tiny_digits, optimizer=sgd, epochs=20,
+                    time_budget_from=str(tmp_path / "instant" / "summary.json"),
+                    time_budget_epochs=2, quiet=True)
     assert summary["epoch"] == 1 and summary["time_budget_s"] == 0.0
 
 
@@ -96,37 +88,20 @@ def test_augment_is_applied_to_training_batches():
         return x
 
     split = data.synthetic_cifar(n_train=32, n_test=16)
-    train(
-        model=lambda: models.mlp(in_features=3072, hidden=(8,)),
-        data=lambda: split,
-        optimizer=sgd,
-        epochs=1,
-        batch_size=16,
-        augment=record,
-        quiet=True,
-    )
+    train(model=lambda: models.mlp(in_features=3072, hidden=(8,)), data=lambda: split,
+          optimizer=sgd, epochs=1, batch_size=16, augment=record, quiet=True)
     assert seen == [(16, 3, 32, 32)] * 2
-    summary = train(
-        model=lambda: models.mlp(in_features=3072, hidden=(8,)),
-        data=lambda: split,
-        optimizer=sgd,
-        epochs=1,
-        batch_size=16,
-        augment=True,
-        quiet=True,
-    )
+    summary = train(model=lambda: models.mlp(in_features=3072, hidden=(8,)), data=lambda: split,
+                    optimizer=sgd, epochs=1, batch_size=16, augment=True, quiet=True)
     assert summary["epoch"] == 1
 
 
 def test_torch_baselines_through_gin():
-    parse_config(
-        None,
-        [
-            "baselines.torch_optimizer.name = 'SGD'",
-            "baselines.torch_optimizer.lr = 0.3",
-            "baselines.torch_optimizer.momentum = 0.9",
-        ],
-    )
+    parse_config(None, [
+        "baselines.torch_optimizer.name = 'SGD'",
+        "baselines.torch_optimizer.lr = 0.3",
+        "baselines.torch_optimizer.momentum = 0.9",
+    ])
     opt = torch_optimizer(mlp())
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["lr"] == 0.3 and opt.defaults["momentum"] == 0.9
