@@ -1,8 +1,9 @@
 """Every package folder under curvlab/, plugins/ and experiments/ is listed in pyproject.toml, so
 a built wheel contains it (editable installs would hide a missing entry)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -96,23 +96,17 @@ class Conv2dAdapter(LayerAdapter):
         # over rows {i·d + s·p} and columns {j·d + s·q}: two 0/1 selection matmuls,
         # (kh, Hp) @ x2 @ (Wp, kw), instead of unfolding the image (25 µs vs 480 µs for a
         # 64-channel 32×32 input); (C, kh, kw) is the order of weight.view(C_out, -1)
-        rows = window_selection(
-            x2.shape[-2],
-            output.shape[-2],
-            module.kernel_size[0],
-            module.stride[0],
-            module.dilation[0],
-            x2.device,
-            dtype,
-        )
-        cols = window_selection(
-            x2.shape[-1],
-            output.shape[-1],
-            module.kernel_size[1],
-            module.stride[1],
-            module.dilation[1],
-            x2.device,
-            dtype,
+        rows, cols = (
+            window_selection(
+                x2.shape[axis - 2],
+                output.shape[axis - 2],
+                module.kernel_size[axis],
+                module.stride[axis],
+                module.dilation[axis],
+                x2.device,
+                dtype,
+            )
+            for axis in (0, 1)
         )
         total = (rows @ x2 @ cols.T).reshape(module.groups, -1)
         if module.bias is not None:
