@@ -468,3 +468,89 @@ def test_batchnorm_without_saved_statistics_recomputes():
     assert normalization.saved_batch_invstd(bn, bn(x) * 1.0) is None
     bn.eval()
     assert normalization.saved_batch_invstd(bn, bn(x)) is None  # running statistics
+
+
+# -- the packed diagonal factors ------------------------------------------------------------
+class MixedPrecisionPair(nn.Module):
+    """A float64 layer feeding a float32 layer: two packs (one per dtype) in the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 4).double()
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.seen = x
+        return self.b(torch.tanh(self.a(x)).float())
+
+
+def test_packed_factors_per_dtype_equal_hand_statistics():
+    """H and S of a float64 and a float32 layer (two packs) after one step are (1−γ) times
+    the hand-computed means; the state entries are views into the packs and keep their dtype."""
+    torch.manual_seed(0)
+    model = MixedPrecisionPair()
+    opt = curvlab.AdaFisher(model, gamma=0.8)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    outputs = {}
+    hooks = [
+        m.register_full_backward_hook(lambda m, gi, go, k=k: outputs.__setitem__(k, go[0]))
+        for k, m in (("a", model.a), ("b", model.b))
+    ]
+    model(x).square().sum().backward()
+    inputs = {"a": x, "b": torch.tanh(model.a(x)).float().detach()}
+    opt.step()
+    for h in hooks:
+        h.remove()
+    for name, layer in (("a", model.a), ("b", model.b)):
+        state = opt.curvature_state[name]
+        dtype = layer.weight.dtype
+        assert state["H"].dtype == state["S"].dtype == dtype
+        rows = inputs[name].shape[0]
+        H_hand = torch.cat([(inputs[name] ** 2).mean(0), torch.ones(1, dtype=dtype)])
+        S_hand = (outputs[name] ** 2).sum(0) / rows
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(state["H"], 0.2 * H_hand, rtol=tol, atol=tol)
+        torch.testing.assert_close(state["S"], 0.2 * S_hand.to(dtype), rtol=tol, atol=tol)
+        assert bool(state["updated"])
+    assert {opt.curvature_state[n]["H"].untyped_storage().data_ptr() for n in "ab"} == {
+        opt._diagonal._packs[(torch.device("cpu"), dt)].ema.untyped_storage().data_ptr()
+        for dt in (torch.float64, torch.float32)
+    }
+
+
+class LateBranch(nn.Module):
+    """``a(x)`` always, ``b(x)`` added only once ``use_b`` is set (loss = sum: a's statistics
+    do not depend on b)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.use_b = False
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
+def test_late_layer_repacks_without_disturbing_the_others():
+    """A layer whose first statistics arrive at step 2 re-packs the store: the other layer's
+    factors and parameters stay bitwise those of a run without the late layer."""
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for late in (True, False):
+        torch.manual_seed(0)
+        model = LateBranch().double()
+        opt = curvlab.AdaFisher(model, lr=1e-2, warn_on_fallback=False)
+        for step in range(4):
+            model.use_b = late and step >= 2
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        runs.append((model, opt))
+    (late_model, late_opt), (plain_model, plain_opt) = runs
+    assert set(late_opt.curvature_state) == {"a", "b"} and set(plain_opt.curvature_state) == {"a"}
+    for key in ("H", "S"):
+        assert torch.equal(late_opt.curvature_state["a"][key], plain_opt.curvature_state["a"][key])
+    assert torch.equal(late_model.a.weight, plain_model.a.weight)
+    # b: two accepted updates from zero, H = (1 − γ²) mean x² (bias entry 1)
+    H_b = torch.cat([(x**2).mean(0), torch.ones(1, dtype=x.dtype)]) * (1 - 0.8**2)
+    torch.testing.assert_close(late_opt.curvature_state["b"]["H"], H_b, rtol=1e-12, atol=1e-15)
