@@ -490,14 +490,14 @@ def test_packed_factors_per_dtype_equal_hand_statistics():
     torch.manual_seed(0)
     model = MixedPrecisionPair()
     opt = curvlab.AdaFisher(model, gamma=0.8)
-    x = torch.randn(6, 5, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)  # full backward hooks
     outputs = {}
     hooks = [
         m.register_full_backward_hook(lambda m, gi, go, k=k: outputs.__setitem__(k, go[0]))
         for k, m in (("a", model.a), ("b", model.b))
     ]
     model(x).square().sum().backward()
-    inputs = {"a": x, "b": torch.tanh(model.a(x)).float().detach()}
+    inputs = {"a": x.detach(), "b": torch.tanh(model.a(x)).float().detach()}
     opt.step()
     for h in hooks:
         h.remove()
