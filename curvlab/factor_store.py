@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from curvlab.interfaces.normalizer import Normalizer, Segments
+from curvlab.transfer import to_device_async
 
 
 @dataclass
@@ -154,7 +155,7 @@ class DiagonalFactorStore:
             if all(present):
                 accept, accept_layers = ok, ok
             else:
-                mask = torch.tensor(present, device=ok.device)
+                mask = to_device_async(torch.tensor(present), ok.device)
                 accept_layers = ok & mask
                 accept = accept_layers[pack.layer_of_entry]
             pack.ema.copy_(torch.where(accept, blend(pack.ema, estimate), pack.ema))
@@ -171,11 +172,18 @@ class DiagonalFactorStore:
             if cached is None:
                 if len(pack.counts) > 64:
                     pack.counts.clear()
-                vector = torch.tensor(counts, dtype=torch.float64)
-                cached = vector.to(device=device, dtype=dtype)[pack.segments.ids]
+                vector = torch.tensor(counts, dtype=torch.float64).to(dtype)
+                cached = to_device_async(vector, device)[pack.segments.ids]
                 pack.counts[key] = cached
             return cached
-        vector = torch.stack([torch.as_tensor(c, dtype=dtype, device=device) for c in counts])
+        vector = torch.stack(
+            [
+                c.to(dtype)
+                if isinstance(c, Tensor)
+                else torch.full((), c, dtype=dtype, device=device)
+                for c in counts
+            ]
+        )
         return vector[pack.segments.ids]
 
     # -- what the preconditioner reads -------------------------------------------------------------

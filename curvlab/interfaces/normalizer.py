@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab.transfer import to_device_async
+
 
 @dataclass(frozen=True, eq=False)
 class Segments:
@@ -25,7 +27,7 @@ class Segments:
     @classmethod
     def of(cls, sizes: tuple[int, ...], device: torch.device) -> Segments:
         # built on the host (numpy): the layout is known there, no device op is needed
-        ids = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(device)
+        ids = to_device_async(torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)), device)
         return cls(tuple(sizes), ids)
 
 

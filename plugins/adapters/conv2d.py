@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
 from curvlab.registry import register
+from curvlab.transfer import to_device_async
 
 
 def explicit_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -53,7 +54,7 @@ def window_selection(
     offsets = torch.arange(kernel)[:, None] * dilation + torch.arange(out)[None, :] * stride
     selection = torch.zeros(kernel, size, dtype=dtype)
     selection.scatter_(1, offsets, 1.0)
-    return selection.to(device)
+    return to_device_async(selection, device)
 
 
 def batched(x: Tensor) -> Tensor:

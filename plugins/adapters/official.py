@@ -79,7 +79,7 @@ class OfficialBatchNorm2dAdapter(OfficialTwoEntryAdapter):
     ) -> Statistic:
         n, c, h, w = x.shape
         u = x.to(dtype).sum((0, 2, 3)) / float(h * w) ** 2
-        total = torch.stack([(u * u).sum(), u.new_tensor(float(c))])
+        total = torch.stack([(u * u).sum(), u.new_full((), float(c))])
         return Statistic(total, n * n)
 
     def output_diagonal(
@@ -109,7 +109,7 @@ class OfficialLayerNormAdapter(OfficialTwoEntryAdapter):
         for d in dims[1:]:
             p *= x.shape[d]
         u = x.to(dtype).sum(dims) / float(p) ** 2
-        total = torch.stack([(u * u).sum(), u.new_tensor(float(k))])
+        total = torch.stack([(u * u).sum(), u.new_full((), float(k))])
         return Statistic(total, n * n)
 
     def output_diagonal(

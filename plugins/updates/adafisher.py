@@ -71,7 +71,7 @@ class AdaFisherUpdate(UpdateRule):
             else:
                 # on device: zeroed gradients and weight 0 on a skipped step keep m exactly
                 weight = torch.where(
-                    ok, torch.tensor(1.0 - beta, dtype=dtype, device=ok.device), 0.0
+                    ok, torch.full((), 1.0 - beta, dtype=dtype, device=ok.device), 0.0
                 )
                 torch._foreach_lerp_(
                     exp_avgs, masked_grads(grads, params, 0.0, ok), [weight] * len(exp_avgs)
