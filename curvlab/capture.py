@@ -38,6 +38,10 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _never() -> bool:
+    return False
+
+
 class CaptureEngine:
     """Hooks a list of :class:`LayerRecord` and feeds them statistics while ``is_active()``.
 
@@ -72,6 +76,19 @@ class CaptureEngine:
             handle.remove()
         self._handles.clear()
 
+    def __getstate__(self) -> dict:
+        # pickling a hooked model (torch.save(model)) pickles its hooks and so this engine.
+        # The copy is attached to no optimizer: its hooks stay inert (and the optimizer is
+        # not dragged into the pickle); the per-thread cache is not picklable
+        state = self.__dict__.copy()
+        del state["_last_input"]
+        state["_is_active"] = _never
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._last_input = threading.local()
+
     def __deepcopy__(self, memo: dict) -> CaptureEngine:
         # copying a hooked model (EMA/SWA copies) copies its hooks; they keep pointing at this
         # engine, and _forward_hook ignores the copy's modules (they are not record.module)
@@ -87,18 +104,16 @@ class CaptureEngine:
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
         x = inputs[0]
-        key = record.adapter.input_signature(module)
+        signature = record.adapter.input_signature(module)
+        # inference tensors have no version counter: never shared
+        if signature is not None and (not isinstance(x, Tensor) or x.is_inference()):
+            signature = None
+        # the adapter class is part of the key: a subclass may inherit the signature but
+        # compute another statistic
+        key = None if signature is None else (type(record.adapter), signature)
         last = getattr(self._last_input, "value", None)  # unset in a new thread
-        if (
-            key is not None
-            and last is not None
-            and last[0]() is x
-            and last[1:3]
-            == (
-                x._version,
-                (key, dtype),
-            )
-        ):
+        same = last is not None and key is not None and last[0]() is x
+        if same and last[1] == x._version and last[2] == (key, dtype):
             input_stat = last[3]  # the same tensor, unchanged, read the same way: share
         else:
             # under no_grad rather than on detached tensors: the adapter may read the output's
@@ -107,7 +122,7 @@ class CaptureEngine:
                 input_stat = self._estimator.input_statistic(
                     record.adapter, module, x, output, dtype
                 )
-            if key is not None and isinstance(x, Tensor):
+            if key is not None:
                 self._last_input.value = (weakref.ref(x), x._version, (key, dtype), input_stat)
         output.register_hook(partial(self._output_hook, record, dtype, input_stat))
 

@@ -110,6 +110,15 @@ class DiagonalFactorStore:
         for key, new in grouped.items():
             self._repack(key, new)
 
+    def storages(self) -> frozenset[int]:
+        """Data pointers of the buffers whose views :meth:`factors` returns."""
+        out = set()
+        for pack in self._packs.values():
+            out.add(pack.ema.untyped_storage().data_ptr())
+            if pack.normalized is not None:
+                out.add(pack.normalized.untyped_storage().data_ptr())
+        return frozenset(out)
+
     # -- the EMA -----------------------------------------------------------------------------------
     def update(
         self,

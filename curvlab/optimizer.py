@@ -149,7 +149,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._diagonal = DiagonalFactorStore(self.curvature_state)
         self._skipped: Tensor | None = None
         self._workspace = Workspace()  # reused curvature buffers (not state: never saved)
-        self._terms_cache: tuple[object, dict] = (None, {})
+        self._terms_cache: tuple[object, object] = (None, None)
         self._warned_uncaptured = False
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
@@ -180,7 +180,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _pair_layers(self) -> None:
         self.backend.detach()
-        self._terms_cache = (None, {})  # products are per layer record
+        self._terms_cache = (None, None)  # products are per layer record
         if self.estimator.structure == "elementwise":  # every parameter has its own curvature
             self.layers, self._fallback, self._shared = [], [], set()
             self._layer_by_name = {}
@@ -341,25 +341,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _make_preconditioner(self) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
-        mode = self.damping.mode
-        # the diagonal layers' products only view the packed factors, which are refreshed in
-        # place: they stay valid until a re-pack (factored damping adds λ to the factors, so
-        # its products are rebuilt every step)
-        key = (self._diagonal.layout_version, self.ema) if mode != "factored" else None
-        cached = self._terms_cache[1] if key is not None and self._terms_cache[0] == key else None
+        # the diagonal layers' products view the packed factors, which are refreshed in place:
+        # they stay valid until a re-pack (products that are new tensors are rebuilt anyway)
+        key = (self._diagonal.layout_version, self.ema, self.damping.mode)
+        cached = self._terms_cache[1] if self._terms_cache[0] == key else None
         precond = CurvaturePreconditioner(
             self.layers,
             self._layer_factors(),
             self._elementwise_curvature(),
             damping,
-            mode,
+            self.damping.mode,
             self._fallback_value(damping),
             self._shared,
             self._workspace,
-            diagonal_terms=cached,
+            cached=cached,
+            stable_storages=self._diagonal.storages(),
         )
-        if key is not None:
-            self._terms_cache = (key, precond.diagonal_terms)
+        self._terms_cache = (key, precond.cached_terms)
         return precond
 
     def _reduce_statistics(
@@ -411,10 +409,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         low = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
         high = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
         if device.type == "cpu" and high:
-            squares = [torch.dot(t.reshape(-1), t.reshape(-1)).to(torch.float32) for t in high]
+            by_dtype: dict[torch.dtype, list[Tensor]] = {}
+            for t in high:
+                by_dtype.setdefault(t.dtype, []).append(torch.dot(t.reshape(-1), t.reshape(-1)))
+            # norms (square roots) before fp32, as on CUDA: fp64 entries of 1e20 are fine
+            norms = [torch.stack(d).sqrt().to(torch.float32) for d in by_dtype.values()]
             if low:
-                squares += torch._foreach_norm(low, 2, dtype=torch.float32)
-            return torch.stack(squares).sum().isfinite()
+                norms.append(torch.stack(torch._foreach_norm(low, 2, dtype=torch.float32)))
+            return torch.cat(norms).sum().isfinite()
         norms = list(torch._foreach_norm(high, 2)) if high else []
         if low:
             norms += torch._foreach_norm(low, 2, dtype=torch.float32)
@@ -550,7 +552,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         sd["curvature"] = {
             "step": self._step,
             "skipped_steps": self._skipped,
-            "layers": {name: dict(state) for name, state in self.curvature_state.items()},
+            # diagonal layers' entries are views into the packed, in-place-updated factors:
+            # snapshot them, as a checkpoint must not change while training goes on
+            "layers": {
+                name: {k: v.clone() for k, v in state.items()}
+                if name in self._diagonal
+                else dict(state)
+                for name, state in self.curvature_state.items()
+            },
             "layer_names": [r.name for r in self.layers],
             "layers_description": self._describe_layers(),
         }

@@ -103,6 +103,16 @@ def uses_curvature_terms(adapter: object) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class CachedTerms:
+    """Diagonal products that view the packed factors (valid while their storage is), and the
+    layers whose products are new tensors (a ``curvature()`` override, factored damping),
+    rebuilt every step."""
+
+    stable: dict[int, list[Term]]
+    volatile_layers: frozenset[str]
+
+
 class CurvaturePreconditioner(Preconditioner):
     """``F`` of every optimized parameter for the current step.
 
@@ -123,7 +133,8 @@ class CurvaturePreconditioner(Preconditioner):
         fallback_value: float,
         shared: set[int],
         workspace: Workspace | None = None,
-        diagonal_terms: dict[int, list[Term]] | None = None,
+        cached: CachedTerms | None = None,
+        stable_storages: frozenset[int] = frozenset(),
     ) -> None:
         self.damping = damping
         self.mode = mode
@@ -131,33 +142,52 @@ class CurvaturePreconditioner(Preconditioner):
         self.elementwise = elementwise
         self.workspace = workspace if workspace is not None else Workspace()
         self.joint: list[tuple[LayerRecord, LayerFactors]] = []
-        #: terms of the diagonal-structure layers (first in every parameter's list); they
-        #: only view the factors, so a caller may pass them back in while the factors' storage
-        #: stays the same (``diagonal_terms``) instead of rebuilding them every step
-        self.diagonal_terms: dict[int, list[Term]] = {}
+        stable: dict[int, list[Term]] = {}
+        volatile: dict[int, list[Term]] = {}
+        volatile_layers: set[str] = set()
         derived: list[tuple[LayerRecord, Tensor, Tensor]] = []
         for record in layers:
             factors = layer_factors.get(record.name)
             if factors is None:
                 continue
             if factors.structure == "diagonal":
-                if diagonal_terms is None:
-                    self._add_terms(self.diagonal_terms, record, factors.H, factors.S)
+                if cached is not None and record.name not in cached.volatile_layers:
+                    continue  # its products are in cached.stable
+                layer_terms = self._layer_terms(record, factors.H, factors.S)
+                # products that only view the factors' storage stay valid while it does
+                views = all(
+                    t is None or t.untyped_storage().data_ptr() in stable_storages
+                    for _, term in layer_terms
+                    for t in (term.left, term.right)
+                )
+                target = stable if views and cached is None else volatile
+                if target is volatile:
+                    volatile_layers.add(record.name)
+                for key, term in layer_terms:
+                    target.setdefault(key, []).append(term)
                 continue
             if not any(id(p) in shared for p in record.params.values()):
                 self.joint.append((record, factors))
             else:  # a shared parameter uses the eigen factors' diagonals
                 derived.append((record, *self._diag_of(factors)))
-        if diagonal_terms is not None:
-            self.diagonal_terms = diagonal_terms
-        #: undamped (or factored-damped) diagonal curvature per parameter, as broadcast products
-        self.terms: dict[int, list[Term]] = {k: list(v) for k, v in self.diagonal_terms.items()}
+        #: what the caller may pass back as ``cached`` while the factors' storage stays the
+        #: same (the layout): the products that view it, and which layers to rebuild anyway
+        self.cached_terms = (
+            cached if cached is not None else CachedTerms(stable, frozenset(volatile_layers))
+        )
+        #: undamped (or factored-damped) diagonal curvature per parameter, as broadcast
+        #: products; always in the order stable, rebuilt, derived (the same sums every step)
+        self.terms: dict[int, list[Term]] = {
+            k: list(v) for k, v in self.cached_terms.stable.items()
+        }
+        for key, terms in volatile.items():
+            self.terms.setdefault(key, []).extend(terms)
         for record, H, S in derived:
-            self._add_terms(self.terms, record, H, S)
+            for key, term in self._layer_terms(record, H, S):
+                self.terms.setdefault(key, []).append(term)
 
-    def _add_terms(
-        self, out: dict[int, list[Term]], record: LayerRecord, H: Tensor, S: Tensor
-    ) -> None:
+    def _layer_terms(self, record: LayerRecord, H: Tensor, S: Tensor) -> list[tuple[int, Term]]:
+        """(parameter id, product) of every role of one layer."""
         if self.mode == "factored":
             pi = split_pi(H, S)
             root = math.sqrt(self.damping)
@@ -167,8 +197,7 @@ class CurvaturePreconditioner(Preconditioner):
             terms = adapter.curvature_terms(module, H, S)
         else:  # a plugin that maps factors onto parameters itself
             terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
-        for role, (left, right) in terms.items():
-            out.setdefault(id(record.params[role]), []).append(Term.of(left, right))
+        return [(id(record.params[role]), Term.of(l, r)) for role, (l, r) in terms.items()]
 
     @staticmethod
     def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:

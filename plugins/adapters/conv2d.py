@@ -105,11 +105,13 @@ class Conv2dAdapter(LayerAdapter):
                 module.stride[axis],
                 module.dilation[axis],
                 x2.device,
-                dtype,
+                torch.float64,
             )
             for axis in (0, 1)
         )
-        total = (rows @ x2 @ cols.T).reshape(module.groups, -1)
+        # in float64: the products are tiny, and a reduced matmul precision setting
+        # (TF32, bf16 on CPU) must not round these sums
+        total = (rows @ x2.double() @ cols.T).to(dtype).reshape(module.groups, -1)
         if module.bias is not None:
             total = torch.cat([total, total.new_full((module.groups, 1), n * positions)], dim=1)
         return Statistic(total, n * positions)

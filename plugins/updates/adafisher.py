@@ -83,12 +83,14 @@ class AdaFisherUpdate(UpdateRule):
             # θ −= α m̂ / F with m̂ = m / (1 − β^t): the bias correction and α travel as one
             # divisor per parameter, (1 − β^t) / α (t ≥ 1: a skipped first step cannot give 0);
             # inf on a skipped step, which leaves θ unchanged
-            t = torch.stack(steps).to(dtype).clamp_min(1.0)
+            # at least fp32: in fp16, (1 − β^t)/α overflows for α < 1.5e-5, and with β = 0.999
+            # bf16 rounds 1 − β^t to 0
+            t = torch.stack(steps).to(torch.promote_types(dtype, torch.float32)).clamp_min(1.0)
             divisors = (1.0 - torch.pow(beta, t)) / lr if lr > 0 else torch.full_like(t, math.inf)
             if not known:
                 divisors = torch.where(ok, divisors, math.inf)
             if wd != 0 and self.decoupled_weight_decay:
-                decay = 1.0 - lr * wd if known else 1.0 - (lr * wd) * ok.to(dtype)
+                decay = 1.0 - lr * wd if known else 1.0 - (lr * wd) * ok.to(t.dtype)
                 torch._foreach_mul_(params, decay)
             all_params += params
             all_moments += exp_avgs
