@@ -57,9 +57,6 @@ class Workspace:
             self._buffers[id(param)] = buf
         return buf
 
-    def clear(self) -> None:
-        self._buffers.clear()
-
 
 class _Divisor(NamedTuple):
     """A per-parameter divisor d of the update, its finite part (inf → 0) and λ·d."""
@@ -251,12 +248,7 @@ class CurvaturePreconditioner(Preconditioner):
 
     def _denominator(self, F: Tensor, power: float) -> Tensor:
         """Out-of-place :meth:`_damp_` (for curvature tensors owned by someone else)."""
-        if self.mode == "after_product":
-            F = F + self.damping
-            return F if power == 1.0 else F.pow(power)
-        if self.mode == "after_root":
-            return (F if power == 1.0 else F.pow(power)) + self.damping
-        return F if power == 1.0 else F.pow(power)
+        return self._damp_(F.clone(), power)
 
     def _fallback_denominator(self, power: float) -> float:
         return self.fallback_value**power
@@ -340,14 +332,13 @@ class CurvaturePreconditioner(Preconditioner):
         return out  # type: ignore[return-value]
 
     def _elementwise_or_diagonal(
-        self, param: Tensor, power: float, divisor: Tensor | None
+        self, param: Tensor, power: float, divisor: _Divisor | None
     ) -> Tensor | None:
+        """What ``param``'s update divides by (times the divisor), or None (no curvature)."""
         F = self.elementwise.get(id(param))
         if F is not None:
             den = self._denominator(F, power)
-            if divisor is not None:
-                den = den * divisor.value if den is F else den.mul_(divisor.value)
-            return den
+            return den if divisor is None else den.mul_(divisor.value)
         if id(param) in self.terms:
             return self._diagonal_denominator(param, power, divisor)
         return None
