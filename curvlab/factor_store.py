@@ -74,7 +74,7 @@ class DiagonalFactorStore:
         old = self._packs.get(key)
         names, shapes, pieces, flags = [], [], [], []
         if old is not None:
-            for name, (H, S) in zip(old.names, old.views(old.ema)):
+            for name, (H, S) in zip(old.names, old.ema_views):
                 names.append(name)
                 shapes.append((H.shape, S.shape))
                 pieces += [H.reshape(-1), S.reshape(-1)]
