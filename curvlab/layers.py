@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.naming import canonical_named_modules, canonical_parameter_names
 
 
 @dataclass(eq=False)
@@ -87,16 +88,17 @@ def pair_parameters(
     * a layer is hooked only if at least one of its parameters is being optimized;
     * every other trainable parameter (unsupported module, root parameter, parameter the
       adapter does not claim) falls back to identity curvature and is reported.
+
+    Layer and parameter names are canonical (:mod:`curvlab.naming`): the same for a model and
+    its ``torch.compile`` / DDP / FSDP / checkpoint-wrapped forms.
     """
     trainable_ids = {id(p) for p in trainable}
-    names: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), name)
+    names = canonical_parameter_names(model)
 
     layers: list[LayerRecord] = []
     claimed: set[int] = set()
     reasons: dict[int, str] = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in canonical_named_modules(model):
         own = dict(module.named_parameters(recurse=False))
         if not own:
             continue

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab import registry
+from curvlab import lifecycle, registry
 from curvlab.capture import statistics_dtype
 from curvlab.factor_store import DiagonalFactorStore
 from curvlab.interfaces import (
@@ -154,6 +155,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
+        self._closed = False
+        #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
+        self._capture_gate = lifecycle.weak_gate(self)
+        # a dropped optimizer's hooks go with it (the backend does not reference it)
+        self._finalizer = weakref.finalize(self, self.backend.detach)
         self._ready = True
         self._pair_layers()
 
@@ -166,7 +172,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"param_group[{key!r}]", param_group[key], *bounds, high_inclusive=key != "beta"
                 )
         super().add_param_group(param_group)
-        if getattr(self, "_ready", False):
+        if getattr(self, "_ready", False) and not self._closed:
             self._pair_layers()
 
     def _trainable(self) -> list[nn.Parameter]:
@@ -186,6 +192,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._layer_by_name = {}
             return
         captured = {r.name for r in getattr(self, "layers", []) if r.captured}
+        lifecycle.release(self, [r.module for r in getattr(self, "layers", [])])
         self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
         self._layer_by_name = {r.name: r for r in self.layers}
         for record in self.layers:  # re-pairing (add_param_group) keeps what was captured
@@ -204,7 +211,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"support (supported module types: {supported}); pass "
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
-        self.backend.attach(self.layers, self.estimator, self._is_capturing, model=self.model)
+        taken = lifecycle.claim(self, [(r.name, r.module) for r in self.layers])
+        if taken:
+            warnings.warn(
+                lifecycle.replaced_message(type(self).__name__, taken),
+                lifecycle.OptimizerReplacedWarning,
+                stacklevel=3,
+            )
+        self.backend.attach(self.layers, self.estimator, self._capture_gate, model=self.model)
         if self._fallback and self._warn_on_fallback:
             listing = "\n  ".join(map(str, self._fallback))
             warnings.warn(
@@ -216,6 +230,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _is_capturing(self) -> bool:
         return self._capture_active and not self._capture_paused
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook this optimizer installed on the model and drop its statistics and
+        reused buffers (idempotent). Parameters, ``state`` and ``state_dict()`` stay readable;
+        ``step()`` raises afterwards. Also happens when the optimizer is garbage-collected, and
+        when a newer curvlab optimizer is built on the same layers (with a warning)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        self.backend.detach()
+        for record in self.layers:
+            record.clear()
+        lifecycle.release(self, [r.module for r in self.layers])
+        self._workspace = Workspace()
+        self._terms_cache = (None, None)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (explicitly, or because a newer optimizer took over)."""
+        return self._closed
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Keep factors in the units of the unscaled loss under ``torch.amp.GradScaler``.
@@ -489,6 +531,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
         """One optimizer step (optionally re-evaluating the loss with ``closure``)."""
+        if self._closed:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): this optimizer is closed (close(), the end of a "
+                f"`with` block, or a newer curvlab optimizer built on the same model took over "
+                f"its layers); build a new one"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
