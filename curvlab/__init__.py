@@ -7,6 +7,7 @@
 
 from curvlab.config import build_optimizer, make_optimizer
 from curvlab.layers import FallbackParameter
+from curvlab.lifecycle import OptimizerReplacedWarning
 from curvlab.optimizer import CurvatureFallbackWarning, CurvatureOptimizer
 from curvlab.presets import AdaFisher, AdaFisherW
 from curvlab.registry import register, registered
@@ -19,6 +20,7 @@ __all__ = [
     "CurvatureFallbackWarning",
     "CurvatureOptimizer",
     "FallbackParameter",
+    "OptimizerReplacedWarning",
     "build_optimizer",
     "make_optimizer",
     "register",

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import curvlab
-from curvlab.lifecycle import OptimizerReplacedWarning
+from curvlab import OptimizerReplacedWarning
 
 
 def hook_count(model: nn.Module) -> int:
