@@ -86,6 +86,8 @@ def window_sums(image: Tensor, selections: Sequence[Tensor]) -> Tensor:
     a: the selection is a product over axes, so the sum factorises into one matmul per axis
     (for 2-D, ``sel_0 @ image @ sel_1ᵀ``). Returns (C, k_0, …, k_{n−1}).
     """
+    if len(selections) == 2:  # the hot path (Conv2d): two broadcast matmuls, no reshapes
+        return selections[0] @ image @ selections[1].T
     c, sizes = image.shape[0], image.shape[1:]
     kernel = [s.shape[0] for s in selections]
     y = image
