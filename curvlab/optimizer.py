@@ -29,8 +29,18 @@ from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Worksp
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
-#: adapters of the paper variant, tried in this order
-PAPER_ADAPTERS = ("linear", "conv2d", "batchnorm", "layernorm", "groupnorm", "embedding")
+#: adapters of the paper variant, tried in this order ("conv2d" before "conv": a Conv2d layer
+#: keeps the adapter class name that checkpoints record in their layers_description)
+PAPER_ADAPTERS = (
+    "linear",
+    "conv2d",
+    "conv",
+    "conv_transpose",
+    "batchnorm",
+    "layernorm",
+    "groupnorm",
+    "embedding",
+)
 EMA_SEMANTICS = ("paper", "official")
 
 
