@@ -63,12 +63,12 @@ class Coverage:
         if self.elementwise is not None:
             return f"{head}: elementwise estimator {self.elementwise!r}, every parameter its own"
         adapters = ", ".join(f"{name} {n}" for name, n in self.by_adapter().items())
-        text = f"{head}: {len(self.layers)} layers ({adapters or 'none'})"
+        text = f"{head}: {_count(len(self.layers), 'layer')} ({adapters or 'none'})"
         if self.fallback:
             kinds = sorted({f.reason for f in self.fallback})
             uncovered = sum(f.elements for f in self.fallback)
             text += (
-                f"; fallback {self.fallback_rule!r} for {len(self.fallback)} parameters "
+                f"; fallback {self.fallback_rule!r} for {_count(len(self.fallback), 'parameter')} "
                 f"({uncovered:,} elements: {'; '.join(kinds)})"
             )
         return text
@@ -77,6 +77,10 @@ class Coverage:
         out = asdict(self)
         out["share"] = self.share
         return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def percent(share: float) -> str:
