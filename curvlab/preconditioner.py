@@ -115,7 +115,9 @@ class CurvaturePreconditioner(Preconditioner):
 
     Sources, in order: an elementwise curvature (``elementwise`` estimators), the layers'
     factors (diagonal: summed over every layer that uses the parameter; banded/full: one joint
-    solve of weight and bias per layer), identity (``fallback_value``) for the rest. A parameter
+    solve of weight and bias per layer), the fallback policy's curvature of a parameter without
+    layer curvature (``fallback_curvature``, undamped: damped here like the layers'), the
+    constant ``fallback_value`` for the rest. A parameter
     shared by several layers uses the diagonals of their factors (summed), whatever the
     structure.
     """
@@ -132,8 +134,10 @@ class CurvaturePreconditioner(Preconditioner):
         workspace: Workspace | None = None,
         cached: CachedTerms | None = None,
         stable_storages: frozenset[int] = frozenset(),
+        fallback_curvature: dict[int, Tensor] | None = None,
     ) -> None:
         self.damping = damping
+        self.fallback_curvature = fallback_curvature or {}
         self.mode = mode
         self.fallback_value = fallback_value
         self.elementwise = elementwise
@@ -253,6 +257,14 @@ class CurvaturePreconditioner(Preconditioner):
     def _fallback_denominator(self, power: float) -> float:
         return self.fallback_value**power
 
+    def _single_denominator(self, F: Tensor, power: float) -> Tensor:
+        """:meth:`_denominator` of a curvature that is not a Kronecker product (a fallback
+        policy's): factored damping, which splits λ between two factors, adds λ after it."""
+        if self.mode == "factored":
+            F = F + self.damping
+            return F if power == 1.0 else F.pow_(power)
+        return self._denominator(F, power)
+
     # -- Preconditioner API --------------------------------------------------------------------
     def solve(
         self, params: list[Tensor], tensors: list[Tensor], power: float = 1.0
@@ -341,6 +353,10 @@ class CurvaturePreconditioner(Preconditioner):
             return den if divisor is None else den.mul_(divisor.value)
         if id(param) in self.terms:
             return self._diagonal_denominator(param, power, divisor)
+        F = self.fallback_curvature.get(id(param))
+        if F is not None:
+            den = self._single_denominator(F, power)
+            return den if divisor is None else den.mul_(divisor.value)
         return None
 
     def _solve_joint(
@@ -388,6 +404,11 @@ class CurvaturePreconditioner(Preconditioner):
                 for role, p in record.params.items():
                     if p is param:
                         return self._joint_diagonal(record, factors)[role]
+            F = self.fallback_curvature.get(id(param))
+            if F is not None:
+                if self.mode == "after_root":
+                    return F
+                return F + self.damping  # after the product, also for factored damping
             return torch.full_like(
                 param, self.fallback_value, dtype=torch.promote_types(param.dtype, torch.float32)
             )
