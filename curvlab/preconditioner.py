@@ -69,16 +69,18 @@ class _Divisor(NamedTuple):
 class Term(NamedTuple):
     """One term of a diagonal curvature: ``left * right`` (right None: left alone), viewed
     as ``shape`` (their broadcast shape, computed once: ``torch.broadcast_shapes`` costs more
-    than the product for small layers)."""
+    than the product for small layers); ``region``: the rows of the parameter it covers (a
+    block of a packed parameter, ``LayerAdapter.regions``), None for the whole parameter."""
 
     left: Tensor
     right: Tensor | None
     shape: tuple[int, ...]
+    region: slice | None = None
 
     @classmethod
-    def of(cls, left: Tensor, right: Tensor | None) -> Term:
+    def of(cls, left: Tensor, right: Tensor | None, region: slice | None = None) -> Term:
         if right is None:
-            return cls(left, None, tuple(left.shape))
+            return cls(left, None, tuple(left.shape), region)
         a, b = tuple(left.shape), tuple(right.shape)
         n = max(len(a), len(b))
         a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
@@ -87,7 +89,29 @@ class Term(NamedTuple):
             y not in (1, x) for x, y in zip(shape, b)
         ):
             raise ValueError(f"curvature terms of shapes {a} and {b} do not broadcast")
-        return cls(left, right, shape)
+        return cls(left, right, shape, region)
+
+
+def _rows(tensor: Tensor, region: slice | None) -> Tensor:
+    return tensor if region is None else tensor[region]
+
+
+def _span(region: slice, rows: int) -> tuple[int, int]:
+    start, stop, _ = region.indices(rows)
+    return start, stop
+
+
+def _tiles(terms: list[Term], rows: int) -> bool:
+    """Whether every term has a region and the distinct regions cover ``rows`` exactly once
+    (the blocks of a packed parameter, several times each for a tied one)."""
+    if any(t.region is None for t in terms):
+        return False
+    spans = sorted({_span(t.region, rows) for t in terms})
+    return (
+        spans[0][0] == 0
+        and spans[-1][1] == rows
+        and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    )
 
 
 def uses_curvature_terms(adapter: object) -> bool:
@@ -194,7 +218,10 @@ class CurvaturePreconditioner(Preconditioner):
             terms = adapter.curvature_terms(module, H, S)
         else:  # a plugin that maps factors onto parameters itself
             terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
-        return [(id(record.params[role]), Term.of(l, r)) for role, (l, r) in terms.items()]
+        return [
+            (id(record.params[role]), Term.of(l, r, record.regions.get(role)))
+            for role, (l, r) in terms.items()
+        ]
 
     @staticmethod
     def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:
@@ -206,15 +233,23 @@ class CurvaturePreconditioner(Preconditioner):
     # -- diagonal curvature into a buffer ------------------------------------------------------
     @staticmethod
     def _write_terms(out: Tensor, terms: list[Term], scale: Tensor | None = None) -> Tensor:
-        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape)."""
-        for k, (left, right, shape) in enumerate(terms):
+        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape;
+        a term with a region writes those rows only)."""
+        written: set[tuple[int, int] | None] = set()
+        if any(t.region is not None for t in terms) and not _tiles(terms, out.shape[0]):
+            out.zero_()  # regions that overlap partially or leave rows out: every term adds
+            written = {None} | {_span(t.region, out.shape[0]) for t in terms if t.region}
+        for left, right, shape, region in terms:
             if scale is not None:
                 left = left * scale  # small: a factor vector, not the parameter
-            view = out.view(shape)
+            span = None if region is None else _span(region, out.shape[0])
+            view = out.view(shape) if span is None else out[span[0] : span[1]].view(shape)
+            first = span not in written  # the first term of each region (or of all) writes
+            written.add(span)
             if right is None:
-                view.copy_(left) if k == 0 else view.add_(left)
+                view.copy_(left) if first else view.add_(left)
             else:
-                torch.mul(left, right, out=view) if k == 0 else view.addcmul_(left, right)
+                torch.mul(left, right, out=view) if first else view.addcmul_(left, right)
         return out
 
     def _terms_dtype(self, key: int) -> torch.dtype:
@@ -351,12 +386,21 @@ class CurvaturePreconditioner(Preconditioner):
             roles = {r: index[id(p)] for r, p in record.params.items() if id(p) in index}
             if not roles:
                 continue
-            adapter, module = record.adapter, record.module
-            matrix = adapter.to_matrix(module, {r: tensors[i] for r, i in roles.items()})
+            adapter, module, regions = record.adapter, record.module, record.regions
+            matrix = adapter.to_matrix(
+                module, {r: _rows(tensors[i], regions.get(r)) for r, i in roles.items()}
+            )
             solved = self._eigen_solve(matrix.to(factors.H.dtype), factors, power)
             pieces = adapter.from_matrix(module, solved)
             for role, i in roles.items():
-                out[i] = pieces[role].to(tensors[i].dtype)
+                piece = pieces[role].to(tensors[i].dtype)
+                region = regions.get(role)
+                if region is None:
+                    out[i] = piece
+                else:  # one block of a packed parameter: the other blocks fill the other rows
+                    if out[i] is None:
+                        out[i] = torch.empty_like(tensors[i])
+                    out[i][region] = piece
 
     def _eigen_solve(self, matrix: Tensor, f: LayerFactors, power: float) -> Tensor:
         rotated = f.QS.transpose(-1, -2) @ matrix @ f.QH
@@ -384,10 +428,19 @@ class CurvaturePreconditioner(Preconditioner):
                 self.terms[id(param)],
             )
         if F is None:
+            found = None
             for record, factors in self.joint:
                 for role, p in record.params.items():
                     if p is param:
-                        return self._joint_diagonal(record, factors)[role]
+                        piece = self._joint_diagonal(record, factors)[role]
+                        region = record.regions.get(role)
+                        if region is None:
+                            return piece
+                        if found is None:
+                            found = torch.empty(param.shape, dtype=piece.dtype, device=piece.device)
+                        found[region] = piece
+            if found is not None:
+                return found
             return torch.full_like(
                 param, self.fallback_value, dtype=torch.promote_types(param.dtype, torch.float32)
             )

@@ -1,0 +1,502 @@
+r"""nn.MultiheadAttention: q, k, v projections (packed or separate), bias_k / bias_v, out_proj.
+
+Written with the module's own notation (seq-first inside, as ``F.multi_head_attention_forward``):
+query rows x_q (N·L rows of E), key rows x_k (N·S rows of kdim), value rows x_v (N·S rows of
+vdim). The attention is ``out_proj(softmax(q kᵀ/√d_h + mask) v)`` per head, with
+
+    q = W_q x_q + b_q,   k = W_k x_k + b_k,   v = W_v x_v + b_v
+
+(``W_q; W_k; W_v`` are the three row blocks of ``in_proj_weight`` when kdim = vdim = E, else
+``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``; ``b_q; b_k; b_v`` the row blocks of
+``in_proj_bias``). Each projection is a linear layer on its own rows, so each is its own
+Kronecker block, exactly the one an ``nn.Linear`` computing it would have (SPEC §3):
+
+* block ``q_proj``: ā = [x_q, 1], g = ∂L/∂q, rows = N·L: ``H_q = Σ ā² / (N·L)``,
+  ``S_q = Σ g² / (N·L)``, ``F[W_q] = S_q ⊗ H_q[:-1]``, ``F[b_q] = S_q·H_q[-1]``;
+* blocks ``k_proj`` and ``v_proj``: the same with x_k / x_v and ∂L/∂k, ∂L/∂v (before bias_k /
+  bias_v are appended and before zero attention is added), rows = N·S. Key positions hidden by
+  ``key_padding_mask`` / ``attn_mask`` are rows too (their g is 0), as for the equivalent Linear;
+* ``out_proj`` (an ``nn.Linear``) is the ``linear`` adapter's layer: ā = [attention output
+  before the projection, 1], g = ∂L/∂(module output), rows = N·L;
+* blocks ``bias_k`` and ``bias_v`` (``add_bias_kv=True``): the learned key/value appended at
+  source position S. Each is a bias-only linear layer: ā = [1], g = ∂L/∂k (resp. v) at the
+  appended position, one row per sample: ``H = [1]``, ``S = Σ_n g_n² / N``. H is a 1-entry
+  factor, which min-max maps to 0 ((h − h)/(0 + ε)); so, as for the biases of normalisation
+  layers (plugins/adapters/normalization.py), the bias uses ``S'`` alone: ``F = S' + λ``. These
+  blocks give no rows: the full and banded estimators keep them diagonal.
+* ``add_zero_attn`` appends zeros after the projections: no parameter, nothing to capture.
+
+Self-attention (query is key is value) reads one input for q, k and v: the capture engine
+computes that input statistic once (``input_signature``). Per-sample scaling (full K-FAC) uses
+the batch size N, dim 1 of the seq-first tensors.
+
+Capture: ``nn.MultiheadAttention`` computes all of this inside ``F.multi_head_attention_forward``
+(``out_proj`` is applied functionally, so its hooks never fire). While statistics are gathered,
+the capture engine runs :func:`observed_forward` instead: the same operations in the same order
+(same values, gradients and dropout random numbers), with the projections observed and
+``out_proj`` called as a module. Otherwise (eval, no grad, non-curvature steps) the module's own
+forward runs, fast paths included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.interfaces.adapter import LayerAdapter, Observe, Statistic, square_sum
+from curvlab.registry import register
+
+_PROJECTIONS = ("q", "k", "v")
+
+
+def _is_plain_attention(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` whose forward is torch's (a subclass that overrides it
+    computes something else, which :func:`observed_forward` would not reproduce)."""
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and type(module).forward is nn.MultiheadAttention.forward
+    )
+
+
+@register("adapters", "multihead_attention")
+class MultiheadAttentionAdapter(LayerAdapter):
+    """``nn.MultiheadAttention`` as Kronecker blocks ``q_proj``, ``k_proj``, ``v_proj`` (and
+    ``bias_k``, ``bias_v`` with ``add_bias_kv``); ``out_proj`` is an ``nn.Linear`` (``linear``
+    adapter). The formulas are in this module's docstring."""
+
+    module_types = (nn.MultiheadAttention,)
+
+    def matches(self, module: nn.Module) -> bool:
+        return _is_plain_attention(module)
+
+    def blocks(self, module: nn.Module) -> dict[str, LayerAdapter]:
+        out: dict[str, LayerAdapter] = {f"{w}_proj": AttentionProjection(w) for w in _PROJECTIONS}
+        for which in ("k", "v"):
+            if getattr(module, f"bias_{which}", None) is not None:
+                out[f"bias_{which}"] = AttentionKVBias(which)
+        return out
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        out = {}
+        for name, block in self.blocks(module).items():
+            for role, p in block.parameters(module).items():
+                out[f"{name}.{role}"] = p
+        return out
+
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        raise TypeError("MultiheadAttentionAdapter: statistics are per block (see blocks())")
+
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        raise TypeError("MultiheadAttentionAdapter: statistics are per block (see blocks())")
+
+
+class _AttentionBlock(LayerAdapter):
+    """Shared part of the blocks: the observable forward, the batch size of seq-first rows."""
+
+    module_types = (nn.MultiheadAttention,)
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+
+    def capture_forward(
+        self, module: nn.Module, observe: Observe, *args: Any, **kwargs: Any
+    ) -> Any:
+        return observed_forward(module, observe, *args, **kwargs)
+
+    def batch_size(self, module: nn.Module, grad_output: Tensor) -> int:
+        return grad_output.shape[1]  # (L, N, E): unbatched input runs as N = 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.which!r})"
+
+
+class AttentionProjection(_AttentionBlock):
+    """Block ``q_proj`` / ``k_proj`` / ``v_proj``: a linear layer on the query / key / value
+    rows (``which`` = "q", "k", "v"), weight and bias being rows of the packed parameters."""
+
+    def __init__(self, which: str) -> None:
+        if which not in _PROJECTIONS:
+            raise ValueError(f"AttentionProjection: which={which!r}; choose from {_PROJECTIONS}")
+        super().__init__(which)
+        self.index = _PROJECTIONS.index(which)
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        packed = module._qkv_same_embed_dim
+        weight = module.in_proj_weight if packed else getattr(module, f"{self.which}_proj_weight")
+        out = {"weight": weight}
+        if module.in_proj_bias is not None:
+            out["bias"] = module.in_proj_bias
+        return out
+
+    def regions(self, module: nn.Module) -> dict[str, slice]:
+        e = module.embed_dim
+        rows = slice(self.index * e, (self.index + 1) * e)
+        out = {"weight": rows} if module._qkv_same_embed_dim else {}
+        if module.in_proj_bias is not None:
+            out["bias"] = rows
+        return out
+
+    def input_signature(self, module: nn.Module) -> Hashable:
+        return ("attention_projection", module.in_proj_bias is not None)
+
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        rows = x.numel() // x.shape[-1]
+        total = square_sum(x.reshape(rows, -1), 0, dtype)
+        if module.in_proj_bias is not None:
+            total = torch.cat([total, total.new_full((1,), rows)])
+        return Statistic(total, rows)
+
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        rows = grad_output.numel() // grad_output.shape[-1]
+        return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
+
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if module.in_proj_bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows[None]
+
+    def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        return grad_output.reshape(-1, grad_output.shape[-1])
+
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        # the block's rows of the parameters: F[o, i] = S[o]·H[i], bias F[o] = S[o]·H[-1]
+        has_bias = module.in_proj_bias is not None
+        n_in = H.shape[-1] - int(has_bias)
+        out: dict[str, tuple[Tensor, Tensor | None]] = {"weight": (S[:, None], H[None, :n_in])}
+        if has_bias:
+            out["bias"] = (S, H[n_in:])
+        return out
+
+    def to_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
+        """The block's rows (the core passes the region): ``[W | b]`` as (1, E, in+1)."""
+        params = self.parameters(module)
+        e = module.embed_dim
+        weight = tensors.get("weight")
+        if weight is None:
+            weight = params["weight"].new_zeros(e, params["weight"].shape[1])
+        matrix = weight.reshape(e, -1)
+        if "bias" in params:
+            bias = tensors.get("bias")
+            bias = matrix.new_zeros(e) if bias is None else bias.to(matrix.dtype)
+            matrix = torch.cat([matrix, bias.reshape(e, 1)], dim=1)
+        return matrix[None]
+
+    def from_matrix(self, module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
+        matrix = matrix.reshape(module.embed_dim, -1)
+        if module.in_proj_bias is None:
+            return {"weight": matrix}
+        return {"weight": matrix[:, :-1], "bias": matrix[:, -1]}
+
+
+class AttentionKVBias(_AttentionBlock):
+    """Block ``bias_k`` / ``bias_v``: the learned key / value appended at source position S, a
+    bias-only linear layer (ā = [1]) with one row per sample; ``F = S' + λ`` (its 1-entry H is
+    left out, as for normalisation-layer biases)."""
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {"bias": getattr(module, f"bias_{self.which}")}
+
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        rows = x.shape[1]  # x: the appended rows, (1, N, E)
+        return Statistic(torch.full((1,), float(rows), dtype=dtype, device=x.device), rows)
+
+    def output_diagonal(
+        self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        rows = grad_output.numel() // grad_output.shape[-1]
+        return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
+
+    def curvature_terms(
+        self, module: nn.Module, H: Tensor, S: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        return {"bias": (S, None)}
+
+
+# -- the observable forward ---------------------------------------------------------------------
+def observed_forward(
+    module: nn.MultiheadAttention,
+    observe: Observe,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` in training mode with grad (torch 2.13: its fast path
+    is off then), step for step as ``F.multi_head_attention_forward``, with the projections
+    observed and ``out_proj`` called as a module. Tensor subclasses with ``__torch_function__``
+    and nested tensors take the module's own forward (not captured)."""
+    tensors = (query, key, value, module.in_proj_weight, module.in_proj_bias, module.bias_k,
+               module.bias_v, module.out_proj.weight, module.out_proj.bias)  # fmt: skip
+    if (
+        query.is_nested
+        or key.is_nested
+        or value.is_nested
+        or torch.overrides.has_torch_function(tensors)
+    ):
+        return nn.MultiheadAttention.forward(
+            module, query, key, value, key_padding_mask, need_weights, attn_mask,
+            average_attn_weights, is_causal,
+        )  # fmt: skip
+    # nn.MultiheadAttention.forward
+    is_batched = query.dim() == 3
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask,
+        mask_name="attn_mask",
+        other_type=None,
+        other_name="",
+        target_type=query.dtype,
+        check_other=False,
+    )
+    if module.batch_first and is_batched:
+        if key is value:
+            if query is key:
+                query = key = value = query.transpose(1, 0)
+            else:
+                query, key = (x.transpose(1, 0) for x in (query, key))
+                value = key
+        else:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+    output, weights = _attention(
+        module, observe, query, key, value, key_padding_mask, need_weights, attn_mask,
+        average_attn_weights, is_causal,
+    )  # fmt: skip
+    if module.batch_first and is_batched:
+        return output.transpose(1, 0), weights
+    return output, weights
+
+
+def _attention(
+    module: nn.MultiheadAttention,
+    observe: Observe,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    need_weights: bool,
+    attn_mask: Tensor | None,
+    average_attn_weights: bool,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``F.multi_head_attention_forward`` (torch 2.13) for the module's own arguments."""
+    num_heads = module.num_heads
+    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
+    if not is_batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
+    )
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+            "method `generate_square_subsequent_mask` to create this mask."
+        )
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None  # SDPA takes the is_causal hint itself
+    else:
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
+        )
+        if key_padding_mask is not None:
+            is_causal = False  # the merged mask is no longer causal
+    if embed_dim != module.embed_dim:
+        raise AssertionError(
+            f"was expecting embedding dimension of {module.embed_dim}, but got {embed_dim}"
+        )
+    head_dim = embed_dim // num_heads
+    if module._qkv_same_embed_dim:
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    elif key.shape[:2] != value.shape[:2]:
+        raise AssertionError(
+            f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}"
+        )
+
+    q, k, v = _project(module, query, key, value)
+    observe("q_proj", query, q)
+    observe("k_proj", key, k)
+    observe("v_proj", value, v)
+
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (tgt_len, src_len):
+                raise RuntimeError(
+                    f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                    f"{(tgt_len, src_len)}."
+                )
+            attn_mask = attn_mask.unsqueeze(0)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
+                raise RuntimeError(
+                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                    f"{(bsz * num_heads, tgt_len, src_len)}."
+                )
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+    if module.bias_k is not None and module.bias_v is not None:
+        bias_k = module.bias_k.repeat(1, bsz, 1)
+        bias_v = module.bias_v.repeat(1, bsz, 1)
+        observe("bias_k", bias_k, bias_k)
+        observe("bias_v", bias_v, bias_v)
+        k = torch.cat([k, bias_k])
+        v = torch.cat([v, bias_v])
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    elif module.bias_k is not None or module.bias_v is not None:
+        raise AssertionError("bias_k and bias_v must both be set or both be None")
+
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+
+    if module.add_zero_attn:
+        zero_attn_shape = (bsz * num_heads, 1, head_dim)
+        k = torch.cat([k, torch.zeros(zero_attn_shape, dtype=k.dtype, device=k.device)], dim=1)
+        v = torch.cat([v, torch.zeros(zero_attn_shape, dtype=v.dtype, device=v.device)], dim=1)
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+
+    src_len = k.size(1)
+    if key_padding_mask is not None:
+        F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        key_padding_mask = (
+            key_padding_mask.view(bsz, 1, 1, src_len)
+            .expand(-1, num_heads, -1, -1)
+            .reshape(bsz * num_heads, 1, src_len)
+        )
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+
+    dropout_p = module.dropout if module.training else 0.0
+
+    if need_weights:
+        _, _, e = q.shape
+        q_scaled = q * math.sqrt(1.0 / float(e))
+        if is_causal and attn_mask is None:
+            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        output = torch.bmm(weights, v).view(bsz, num_heads, tgt_len, head_dim)
+        output = _out_proj(module, output)
+        weights = weights.view(bsz, num_heads, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            output, weights = output.squeeze(1), weights.squeeze(0)
+        return output, weights
+
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+    q = q.view(bsz, num_heads, tgt_len, head_dim)
+    k = k.view(bsz, num_heads, src_len, head_dim)
+    v = v.view(bsz, num_heads, src_len, head_dim)
+    output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    output = _out_proj(module, output)
+    if not is_batched:
+        output = output.squeeze(1)
+    return output, None
+
+
+def _split_heads(proj: Tensor, n: int, e: int) -> tuple[Tensor, ...]:
+    """(…, n·E) → n contiguous (…, E) blocks, as ``F._in_projection_packed`` lays them out."""
+    proj = proj.unflatten(-1, (n, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    return tuple(proj[i] for i in range(n))
+
+
+def _project(
+    module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v exactly as ``F._in_projection_packed`` / ``F._in_projection`` compute them
+    (self-attention: one product with the packed weight; key is value: one for k and v)."""
+    e = module.embed_dim
+    b = module.in_proj_bias
+    if module._qkv_same_embed_dim:
+        w = module.in_proj_weight
+        if key is value and query is key:
+            return _split_heads(F.linear(query, w, b), 3, e)  # type: ignore[return-value]
+        if key is value:
+            w_q, w_kv = w.split([e, e * 2])
+            b_q, b_kv = (None, None) if b is None else b.split([e, e * 2])
+            k, v = _split_heads(F.linear(key, w_kv, b_kv), 2, e)
+            return F.linear(query, w_q, b_q), k, v
+        w_q, w_k, w_v = w.chunk(3)
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+    else:
+        w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        for name, x, w_x in (("query", query, w_q), ("key", key, w_k), ("value", value, w_v)):
+            if w_x.shape != (e, x.size(-1)):
+                raise AssertionError(
+                    f"expecting {name} weights shape of {(e, x.size(-1))}, but got {w_x.shape}"
+                )
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _out_proj(module: nn.MultiheadAttention, heads: Tensor) -> Tensor:
+    """``out_proj`` of the heads' outputs (N, h, L, d_h), as (L, N, E).
+
+    torch projects the rows in (L, N) order; here they go in as (N, L, E) (the same copy,
+    another order), so that the ``linear`` adapter sees the batch size N in dim 0 (per-sample
+    scaling of K-FAC), and the result is returned as the (L, N, E) view. ``out_proj`` is called
+    as a module (its hooks capture it) when it is a plain ``nn.Linear``; a replaced ``out_proj``
+    (e.g. wrapped by an adapter library) keeps torch's functional use of its weight and bias.
+    """
+    n, h, L, d = heads.shape
+    x = heads.permute(0, 2, 1, 3).reshape(n, L, h * d)
+    out_proj = module.out_proj
+    if type(out_proj).forward is nn.Linear.forward:
+        return out_proj(x).transpose(0, 1)
+    return F.linear(x, out_proj.weight, out_proj.bias).transpose(0, 1)
