@@ -75,7 +75,9 @@ class CaptureEngine:
         self._estimator = estimator
         self._is_active = is_active
         functional: dict[int, list[LayerRecord]] = {}
+        by_module: dict[int, list[LayerRecord]] = {}
         for record in layers:
+            by_module.setdefault(id(record.module), []).append(record)
             if record.adapter.captures_forward:  # one forward override per module, all blocks
                 functional.setdefault(id(record.module), []).append(record)
                 continue
@@ -83,7 +85,13 @@ class CaptureEngine:
             handle = record.module.register_forward_hook(partial(self._forward_hook, record, dtype))
             self._handles.append(handle)
         for records in functional.values():
-            self._forwards.append(CapturingForward.install(self, records))
+            # direct submodules that are layers themselves: observable by their name too
+            children = {
+                ".".join(part for part in (child_name, r.block) if part): r
+                for child_name, child in records[0].module.named_children()
+                for r in by_module.get(id(child), ())
+            }
+            self._forwards.append(CapturingForward.install(self, records, children))
 
     def detach(self) -> None:
         """Remove every hook and forward override this engine installed (idempotent)."""
@@ -171,19 +179,35 @@ class CapturingForward:
     and an unpickled engine is never active. ``uninstall()`` restores the previous forward.
     """
 
-    def __init__(self, engine: CaptureEngine, records: list[LayerRecord]) -> None:
+    def __init__(
+        self,
+        engine: CaptureEngine,
+        records: list[LayerRecord],
+        children: dict[str, LayerRecord] | None = None,
+    ) -> None:
         self.engine = engine
         self.module = records[0].module
         self.adapter = records[0].adapter
         dtype = statistics_dtype(self.module)
-        self.blocks = {record.block: (record, dtype) for record in records}
+        #: what ``observe`` accepts: the module's blocks, then its direct submodules' layers
+        self.blocks = {
+            name: (record, statistics_dtype(record.module))
+            for name, record in (children or {}).items()
+        }
+        self.blocks.update({record.block: (record, dtype) for record in records})
+        self._records = records
         #: an instance-level forward that was there before (None: the class's forward)
         self.previous = self.module.__dict__.get("forward")
         self.installed = False
 
     @classmethod
-    def install(cls, engine: CaptureEngine, records: list[LayerRecord]) -> CapturingForward:
-        forward = cls(engine, records)
+    def install(
+        cls,
+        engine: CaptureEngine,
+        records: list[LayerRecord],
+        children: dict[str, LayerRecord] | None = None,
+    ) -> CapturingForward:
+        forward = cls(engine, records, children)
         forward.module.forward = forward  # an instance attribute: shadows the class's forward
         forward.installed = True
         return forward
@@ -207,14 +231,19 @@ class CapturingForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
-        record = next(iter(self.blocks.values()))[0]
-        if self.installed and module is record.module and self.engine.capturing(module):
+        if self.installed and module is self.hooked and self.engine.capturing(module):
             return self.adapter.capture_forward(module, self.observe, *args, **kwargs)
         return self.original(*args, **kwargs)
 
+    @property
+    def hooked(self) -> nn.Module:
+        """The module the records belong to (on a deep copy: not this override's module)."""
+        return self._records[0].module
+
     def observe(self, block: str, x: Tensor, output: Tensor) -> None:
-        """Block ``block`` read ``x`` and produced ``output``: capture it as a layer."""
+        """Block ``block`` (or the layer of the direct submodule ``block``, e.g. a projection
+        the module applies functionally) read ``x`` and produced ``output``: capture it."""
         entry = self.blocks.get(block)
         if entry is not None:  # blocks without a record (frozen) are not captured
             record, dtype = entry
-            self.engine._forward_hook(record, dtype, self.module, (x,), output)
+            self.engine._forward_hook(record, dtype, record.module, (x,), output)

@@ -33,8 +33,8 @@ the batch size N, dim 1 of the seq-first tensors.
 Capture: ``nn.MultiheadAttention`` computes all of this inside ``F.multi_head_attention_forward``
 (``out_proj`` is applied functionally, so its hooks never fire). While statistics are gathered,
 the capture engine runs :func:`observed_forward` instead: the same operations in the same order
-(same values, gradients and dropout random numbers), with the projections observed and
-``out_proj`` called as a module. Otherwise (eval, no grad, non-curvature steps) the module's own
+(same values, gradients, memory layouts and dropout random numbers), with the projections and
+``out_proj`` observed. Otherwise (eval, no grad, non-curvature steps) the module's own
 forward runs, fast paths included.
 """
 
@@ -245,7 +245,7 @@ def observed_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """``nn.MultiheadAttention.forward`` in training mode with grad (torch 2.13: its fast path
     is off then), step for step as ``F.multi_head_attention_forward``, with the projections
-    observed and ``out_proj`` called as a module. Tensor subclasses with ``__torch_function__``
+    and ``out_proj`` observed. Tensor subclasses with ``__torch_function__``
     and nested tensors take the module's own forward (not captured)."""
     tensors = (query, key, value, module.in_proj_weight, module.in_proj_bias, module.bias_k,
                module.bias_v, module.out_proj.weight, module.out_proj.bias)  # fmt: skip
@@ -426,8 +426,9 @@ def _attention(
         weights = F.softmax(weights, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        output = torch.bmm(weights, v).view(bsz, num_heads, tgt_len, head_dim)
-        output = _out_proj(module, output)
+        output = torch.bmm(weights, v)
+        output = output.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+        output = _out_proj(module, observe, output, tgt_len, bsz)
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
             weights = weights.mean(dim=1)
@@ -444,7 +445,8 @@ def _attention(
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)
     output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-    output = _out_proj(module, output)
+    output = output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+    output = _out_proj(module, observe, output, tgt_len, bsz)
     if not is_batched:
         output = output.squeeze(1)
     return output, None
@@ -485,18 +487,21 @@ def _project(
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
 
-def _out_proj(module: nn.MultiheadAttention, heads: Tensor) -> Tensor:
-    """``out_proj`` of the heads' outputs (N, h, L, d_h), as (L, N, E).
+def _out_proj(
+    module: nn.MultiheadAttention, observe: Observe, x: Tensor, tgt_len: int, bsz: int
+) -> Tensor:
+    """``out_proj`` applied as torch applies it (to the (L·N, E) rows), returned as (L, N, E).
 
-    torch projects the rows in (L, N) order; here they go in as (N, L, E) (the same copy,
-    another order), so that the ``linear`` adapter sees the batch size N in dim 0 (per-sample
-    scaling of K-FAC), and the result is returned as the (L, N, E) view. ``out_proj`` is called
-    as a module (its hooks capture it) when it is a plain ``nn.Linear``; a replaced ``out_proj``
-    (e.g. wrapped by an adapter library) keeps torch's functional use of its weight and bias.
+    When ``out_proj`` is a plain ``nn.Linear`` its layer is observed with the output viewed as
+    (N, L, E), so that the ``linear`` adapter reads the batch size N in dim 0 (per-sample scaling
+    of K-FAC); the result is that view transposed back, the same memory layout as torch's (which
+    matters: dropout draws its mask in memory order). A replaced ``out_proj`` (e.g. wrapped by
+    an adapter library) is left alone, as torch leaves it: its weight and bias are used.
     """
-    n, h, L, d = heads.shape
-    x = heads.permute(0, 2, 1, 3).reshape(n, L, h * d)
     out_proj = module.out_proj
-    if type(out_proj).forward is nn.Linear.forward:
-        return out_proj(x).transpose(0, 1)
-    return F.linear(x, out_proj.weight, out_proj.bias).transpose(0, 1)
+    out = F.linear(x, out_proj.weight, out_proj.bias)
+    if type(out_proj).forward is not nn.Linear.forward:
+        return out.view(tgt_len, bsz, out.size(1))
+    per_sample = out.view(tgt_len, bsz, out.size(1)).transpose(0, 1)
+    observe("out_proj", x, per_sample)
+    return per_sample.transpose(0, 1)

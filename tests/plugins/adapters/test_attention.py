@@ -274,17 +274,6 @@ def test_tied_packed_weight_sums_the_blocks_curvatures():
 
 
 # -- exactness of the observed forward ----------------------------------------------------------
-def run(module: nn.Module, inputs, kwargs, seed: int = 3):
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    if len({id(x) for x in inputs}) and inputs[0].data_ptr() == inputs[-1].data_ptr():
-        pass
-    torch.manual_seed(seed)
-    out = module(*inputs, **kwargs)
-    loss_of(out).backward()
-    grads = [x.grad for x in inputs] + [p.grad for p in module.parameters()]
-    return out, grads
-
-
 def share_like(inputs) -> list[Tensor]:
     """Fresh leaves with the same identities as ``inputs`` (self-attention passes one tensor)."""
     leaves: dict[int, Tensor] = {}
@@ -306,8 +295,9 @@ def assert_exact(hooked: nn.Module, plain: nn.Module, inputs, kwargs) -> None:
     for a, b in zip(out_h, out_p, strict=True):
         if b is None:
             assert a is None
-        else:
+        else:  # memory layout too: a later dropout draws its mask in memory order
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+            assert a.stride() == b.stride()
     for a, b in zip(grads_h, grads_p, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
