@@ -152,7 +152,7 @@ class AttentionProjection(_AttentionBlock):
         self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
     ) -> Statistic:
         rows = x.numel() // x.shape[-1]
-        total = square_sum(x.reshape(rows, -1), 0, dtype)
+        total = _leading_square_sum(x, dtype)
         if module.in_proj_bias is not None:
             total = torch.cat([total, total.new_full((1,), rows)])
         return Statistic(total, rows)
@@ -161,7 +161,7 @@ class AttentionProjection(_AttentionBlock):
         self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
     ) -> Statistic:
         rows = grad_output.numel() // grad_output.shape[-1]
-        return Statistic(square_sum(grad_output.reshape(rows, -1), 0, dtype), rows)
+        return Statistic(_leading_square_sum(grad_output, dtype), rows)
 
     def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -202,6 +202,14 @@ class AttentionProjection(_AttentionBlock):
         if module.in_proj_bias is None:
             return {"weight": matrix}
         return {"weight": matrix[:, :-1], "bias": matrix[:, -1]}
+
+
+def _leading_square_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Σ x² over every dim but the last, without copying a non-contiguous x (the key/value
+    gradients come back transposed from the attention)."""
+    if x.dim() == 1:
+        return square_sum(x[None], 0, dtype)
+    return square_sum(x, tuple(range(x.dim() - 1)), dtype)
 
 
 class AttentionKVBias(_AttentionBlock):
@@ -260,6 +268,7 @@ def observed_forward(
             average_attn_weights, is_causal,
         )  # fmt: skip
     # nn.MultiheadAttention.forward
+    sources = (query, key, value)  # rows for the input statistics: the caller's layout
     is_batched = query.dim() == 3
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask,
@@ -287,7 +296,7 @@ def observed_forward(
             query, key, value = (x.transpose(1, 0) for x in (query, key, value))
     output, weights = _attention(
         module, observe, query, key, value, key_padding_mask, need_weights, attn_mask,
-        average_attn_weights, is_causal,
+        average_attn_weights, is_causal, sources,
     )  # fmt: skip
     if module.batch_first and is_batched:
         return output.transpose(1, 0), weights
@@ -305,8 +314,11 @@ def _attention(
     attn_mask: Tensor | None,
     average_attn_weights: bool,
     is_causal: bool,
+    sources: tuple[Tensor, Tensor, Tensor],
 ) -> tuple[Tensor, Tensor | None]:
-    """``F.multi_head_attention_forward`` (torch 2.13) for the module's own arguments."""
+    """``F.multi_head_attention_forward`` (torch 2.13) for the module's own arguments;
+    ``sources`` are the query, key, value tensors as the caller passed them (the same rows,
+    before transposes: read without a copy, and one tensor in self-attention)."""
     num_heads = module.num_heads
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
     if not is_batched:
@@ -354,9 +366,9 @@ def _attention(
         )
 
     q, k, v = _project(module, query, key, value)
-    observe("q_proj", query, q)
-    observe("k_proj", key, k)
-    observe("v_proj", value, v)
+    observe("q_proj", sources[0], q)
+    observe("k_proj", sources[1], k)
+    observe("v_proj", sources[2], v)
 
     if attn_mask is not None:
         if attn_mask.dim() == 2:
