@@ -67,9 +67,15 @@ class Seq2Seq(nn.Module):
         self.batch_first = batch_first
         self.emb = nn.Embedding(VOCAB, D)
         self.transformer = nn.Transformer(
-            D, HEADS, 1, 2, 2 * D, dropout=dropout, batch_first=batch_first,
+            D,
+            HEADS,
+            1,
+            2,
+            2 * D,
+            dropout=dropout,
+            batch_first=batch_first,
             norm_first=norm_first,
-        )  # fmt: skip
+        )
         self.head = nn.Linear(D, VOCAB)
 
     def forward(self, src, tgt, src_padding=None):
@@ -78,9 +84,13 @@ class Seq2Seq(nn.Module):
             s, t = s.transpose(0, 1), t.transpose(0, 1)
         mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=s.dtype)
         h = self.transformer(
-            s, t, tgt_mask=mask, src_key_padding_mask=src_padding,
-            memory_key_padding_mask=src_padding, tgt_is_causal=True,
-        )  # fmt: skip
+            s,
+            t,
+            tgt_mask=mask,
+            src_key_padding_mask=src_padding,
+            memory_key_padding_mask=src_padding,
+            tgt_is_causal=True,
+        )
         return self.head(h if self.batch_first else h.transpose(0, 1))
 
 
@@ -155,7 +165,9 @@ def test_training_forward_is_exact_and_every_parameter_is_covered(kind, batch_fi
         loss_fn(kind, m, seed=1).backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)
-    assert all(r.has_statistics for r in opt.layers), [r.name for r in opt.layers if not r.has_statistics]
+    assert all(r.has_statistics for r in opt.layers), [
+        r.name for r in opt.layers if not r.has_statistics
+    ]
     opt.step()
     assert opt.fallback_parameters() == []  # nothing "never captured" either
     n_attention = sum(isinstance(m, nn.MultiheadAttention) for m in model.modules())
@@ -163,7 +175,9 @@ def test_training_forward_is_exact_and_every_parameter_is_covered(kind, batch_fi
     assert len(blocks) == 3 * n_attention > 0
 
 
-@pytest.mark.parametrize("kind,batch_first,norm_first", KINDS[:2] + KINDS[4:], ids=IDS[:2] + IDS[4:])
+@pytest.mark.parametrize(
+    "kind,batch_first,norm_first", KINDS[:2] + KINDS[4:], ids=IDS[:2] + IDS[4:]
+)
 def test_loss_goes_down(kind, batch_first, norm_first):
     model = make(kind, batch_first, norm_first)
     opt = curvlab.AdaFisherW(model, lr=3e-3 if kind != "cross" else 1e-3)

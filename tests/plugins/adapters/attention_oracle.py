@@ -44,8 +44,16 @@ class LinearAttention(nn.Module):
     def from_mha(cls, mha: nn.MultiheadAttention) -> LinearAttention:
         e = mha.embed_dim
         bias = mha.in_proj_bias is not None
-        out = cls(e, mha.num_heads, mha.kdim, mha.vdim, bias, mha.bias_k is not None,
-                  mha.add_zero_attn, mha.batch_first)  # fmt: skip
+        out = cls(
+            e,
+            mha.num_heads,
+            mha.kdim,
+            mha.vdim,
+            bias,
+            mha.bias_k is not None,
+            mha.add_zero_attn,
+            mha.batch_first,
+        )
         out = out.to(mha.out_proj.weight.dtype)
         with torch.no_grad():
             for i, layer in enumerate((out.q_proj, out.k_proj, out.v_proj)):

@@ -33,13 +33,26 @@ E, HEADS, L, S, N = 8, 2, 5, 4, 3
 KIND_DIMS = {"self": (E, E), "cross": (E, E), "kvdim": (6, 7)}
 
 
-def make_mha(kind: str, batch_first: bool, bias: bool = True, bias_kv: bool = False,
-             zero_attn: bool = False, dropout: float = 0.0) -> nn.MultiheadAttention:  # fmt: skip
+def make_mha(
+    kind: str,
+    batch_first: bool,
+    bias: bool = True,
+    bias_kv: bool = False,
+    zero_attn: bool = False,
+    dropout: float = 0.0,
+) -> nn.MultiheadAttention:
     kdim, vdim = KIND_DIMS[kind]
     mha = nn.MultiheadAttention(
-        E, HEADS, dropout=dropout, bias=bias, add_bias_kv=bias_kv, add_zero_attn=zero_attn,
-        kdim=kdim, vdim=vdim, batch_first=batch_first,
-    ).double()  # fmt: skip
+        E,
+        HEADS,
+        dropout=dropout,
+        bias=bias,
+        add_bias_kv=bias_kv,
+        add_zero_attn=zero_attn,
+        kdim=kdim,
+        vdim=vdim,
+        batch_first=batch_first,
+    ).double()
     with torch.no_grad():  # torch initialises biases to 0: make every entry matter
         for p in mha.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -121,7 +134,9 @@ def captured_statistics(net: nn.Module, inputs, kwargs, estimator: str) -> tuple
     return stats, opt
 
 
-def kv_bias_reference(oracle: LinearAttention, name: str, per_sample: bool) -> tuple[Tensor, Tensor]:
+def kv_bias_reference(
+    oracle: LinearAttention, name: str, per_sample: bool
+) -> tuple[Tensor, Tensor]:
     """Block bias_k / bias_v from the oracle's hooked gradients: H = [1], S = Σ_n g_n² / N."""
     (g,) = oracle.kv_bias_grads[name]  # (N, 1, E): one row per sample
     g = g.reshape(-1, E)
@@ -130,7 +145,11 @@ def kv_bias_reference(oracle: LinearAttention, name: str, per_sample: bool) -> t
     return torch.ones(1, dtype=DT), (g * g).sum(0) / g.shape[0]
 
 
-EXTRAS = {"plain": {}, "bias_kv": {"bias_kv": True}, "zero_bias_kv": {"bias_kv": True, "zero_attn": True}}  # fmt: skip
+EXTRAS = {
+    "plain": {},
+    "bias_kv": {"bias_kv": True},
+    "zero_bias_kv": {"bias_kv": True, "zero_attn": True},
+}
 
 
 @pytest.mark.parametrize("estimator", ["diagonal", "full"])
@@ -234,10 +253,13 @@ def test_training_equals_the_linear_oracle(kind, batch_first, optimizer):
     opt = train(Net(mha), batches, **OPTIMIZERS[optimizer])
     train(Net(oracle), batches, **OPTIMIZERS[optimizer])
     for name, p in oracle_parameters(mha).items():
-        torch.testing.assert_close(p, dict(oracle.named_parameters())[name], rtol=1e-10,
-                                   atol=1e-12, msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            p, dict(oracle.named_parameters())[name], rtol=1e-10, atol=1e-12, msg=name
+        )
     # the packed parameter's preconditioner is the three blocks' preconditioners, row by row
-    precond = opt.preconditioner(mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight)
+    precond = opt.preconditioner(
+        mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+    )
     assert precond.shape[0] in (E, 3 * E)
     assert not torch.allclose(precond, torch.full_like(precond, 1 + 1e-3))
 
@@ -266,11 +288,15 @@ def test_tied_packed_weight_sums_the_blocks_curvatures():
     want = train(Two(oa, ob), batches)
     for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
         rows = slice(i * E, (i + 1) * E)
-        torch.testing.assert_close(a.in_proj_weight[rows], getattr(oa, proj).weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            a.in_proj_weight[rows], getattr(oa, proj).weight, rtol=1e-10, atol=1e-12
+        )
         torch.testing.assert_close(
             opt.preconditioner(a.in_proj_weight)[rows],
-            want.preconditioner(getattr(oa, proj).weight), rtol=1e-10, atol=1e-12,
-        )  # fmt: skip
+            want.preconditioner(getattr(oa, proj).weight),
+            rtol=1e-10,
+            atol=1e-12,
+        )
 
 
 # -- exactness of the observed forward ----------------------------------------------------------
@@ -303,8 +329,11 @@ def assert_exact(hooked: nn.Module, plain: nn.Module, inputs, kwargs) -> None:
 
 
 MASKS = ["none", "kpm", "kpm_float", "attn", "attn_float", "attn3", "both", "causal"]
-WEIGHTS = {"no_weights": dict(need_weights=False), "averaged": dict(need_weights=True),
-           "per_head": dict(need_weights=True, average_attn_weights=False)}  # fmt: skip
+WEIGHTS = {
+    "no_weights": dict(need_weights=False),
+    "averaged": dict(need_weights=True),
+    "per_head": dict(need_weights=True, average_attn_weights=False),
+}
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
@@ -322,9 +351,7 @@ def test_observed_forward_is_the_modules_forward(kind, batch_first, mask, weight
     assert all(r.has_statistics for r in opt.layers)  # it was captured
 
 
-@pytest.mark.parametrize(
-    "bias,bias_kv,zero_attn", list(itertools.product([True, False], repeat=3))
-)
+@pytest.mark.parametrize("bias,bias_kv,zero_attn", list(itertools.product([True, False], repeat=3)))
 @pytest.mark.parametrize("kind", list(KIND_DIMS))
 def test_observed_forward_is_exact_for_every_module_option(kind, bias, bias_kv, zero_attn):
     for batch_first, unbatched, mask, weights in [
@@ -366,7 +393,9 @@ def test_capture_is_off_in_eval_no_grad_and_other_steps(monkeypatch):
 
     calls = []
     original = attention.observed_forward
-    monkeypatch.setattr(attention, "observed_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        attention, "observed_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     mha = make_mha("self", True)
     opt = curvlab.AdaFisher(mha, curvature_interval=2)
     x = make_inputs("self", True)[0]
@@ -393,7 +422,10 @@ def test_adapter_blocks_and_parameters():
     assert blocks["k_proj"].parameters(mha)["weight"] is mha.k_proj_weight
     assert blocks["k_proj"].regions(mha) == {"bias": slice(E, 2 * E)}
     packed = make_mha("self", True)
-    assert blocks["v_proj"].regions(packed) == {"weight": slice(2 * E, 3 * E), "bias": slice(2 * E, 3 * E)}
+    assert blocks["v_proj"].regions(packed) == {
+        "weight": slice(2 * E, 3 * E),
+        "bias": slice(2 * E, 3 * E),
+    }
 
     class Custom(nn.MultiheadAttention):  # another forward: not this adapter's to reproduce
         def forward(self, *args, **kwargs):
