@@ -101,6 +101,36 @@ def _span(region: slice, rows: int) -> tuple[int, int]:
     return start, stop
 
 
+def _uncovered(layers: list[LayerRecord], layer_factors: dict[str, LayerFactors]) -> set[int]:
+    """Ids of the parameters split into row regions (packed) that the layers with factors do
+    not cover entirely."""
+    packed = {id(r.params[role]) for r in layers for role in r.regions}
+    if not packed:  # the usual case: nothing to check
+        return set()
+    spans: dict[int, list[tuple[int, int]]] = {}
+    rows: dict[int, int] = {}
+    for record in layers:
+        if record.name not in layer_factors:
+            continue
+        for role, p in record.params.items():
+            if id(p) in packed:
+                region = record.regions.get(role)
+                rows[id(p)] = n = p.shape[0]
+                spans.setdefault(id(p), []).append((0, n) if region is None else _span(region, n))
+    out = set()
+    for key in packed:
+        if key not in spans:
+            continue  # no layer with factors at all: not preconditioned anyway
+        covered = 0
+        for start, stop in sorted(spans[key]):
+            if start > covered:
+                break
+            covered = max(covered, stop)
+        if covered < rows[key]:
+            out.add(key)
+    return out
+
+
 def _tiles(terms: list[Term], rows: int) -> bool:
     """Whether every term has a region and the distinct regions cover ``rows`` exactly once
     (the blocks of a packed parameter, several times each for a tied one)."""
@@ -167,6 +197,9 @@ class CurvaturePreconditioner(Preconditioner):
         volatile: dict[int, list[Term]] = {}
         volatile_layers: set[str] = set()
         derived: list[tuple[LayerRecord, Tensor, Tensor]] = []
+        #: packed parameters with rows that no layer with factors covers yet (a block not
+        #: captured so far): identity curvature for the whole parameter until it is covered
+        self.incomplete = _uncovered(layers, layer_factors)
         for record in layers:
             factors = layer_factors.get(record.name)
             if factors is None:
@@ -206,6 +239,8 @@ class CurvaturePreconditioner(Preconditioner):
         for record, H, S in derived:
             for key, term in self._layer_terms(record, H, S):
                 self.terms.setdefault(key, []).append(term)
+        for key in self.incomplete:
+            self.terms.pop(key, None)
 
     def _layer_terms(self, record: LayerRecord, H: Tensor, S: Tensor) -> list[tuple[int, Term]]:
         """(parameter id, product) of every role of one layer."""
@@ -383,7 +418,11 @@ class CurvaturePreconditioner(Preconditioner):
     ) -> None:
         index = {id(p): i for i, p in enumerate(params)}
         for record, factors in self.joint:
-            roles = {r: index[id(p)] for r, p in record.params.items() if id(p) in index}
+            roles = {
+                r: index[id(p)]
+                for r, p in record.params.items()
+                if id(p) in index and id(p) not in self.incomplete
+            }
             if not roles:
                 continue
             adapter, module, regions = record.adapter, record.module, record.regions
@@ -427,7 +466,7 @@ class CurvaturePreconditioner(Preconditioner):
                 torch.empty(param.shape, dtype=self._terms_dtype(id(param)), device=param.device),
                 self.terms[id(param)],
             )
-        if F is None:
+        if F is None and id(param) not in self.incomplete:
             found = None
             for record, factors in self.joint:
                 for role, p in record.params.items():
@@ -441,6 +480,7 @@ class CurvaturePreconditioner(Preconditioner):
                         found[region] = piece
             if found is not None:
                 return found
+        if F is None:
             return torch.full_like(
                 param, self.fallback_value, dtype=torch.promote_types(param.dtype, torch.float32)
             )

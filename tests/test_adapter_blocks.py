@@ -280,3 +280,40 @@ def test_shared_parameters_rule():
     assert shared_parameters(mixed) == {id(p)}
     tied = [record("a", {"b": q}), record("b", {"b": q})]
     assert shared_parameters(tied) == {id(q)}
+
+
+@pytest.mark.parametrize("estimator", ["diagonal", "full"])
+def test_a_packed_parameter_falls_back_whole_until_every_block_is_captured(estimator):
+    """Rows of a block without factors must not get λ alone (the largest step): until every
+    block of a packed parameter has been captured, the whole parameter keeps F = 1 + λ."""
+
+    class FirstOnly(HalfBlock):
+        skip_second = True
+
+        def capture_forward(self, module, observe, x1, x2):
+            w1, w2 = module.weight.chunk(2)
+            b1, b2 = module.bias.chunk(2)
+            y1, y2 = F.linear(x1, w1, b1), F.linear(x2, w2, b2)
+            observe("first", x1, y1)
+            if not FirstOnly.skip_second:
+                observe("second", x2, y2)
+            return y1 * y2
+
+    class Adapter(PackedPairAdapter):
+        def blocks(self, module):
+            return {"first": FirstOnly(0), "second": FirstOnly(1)}
+
+    packed = PackedPair()
+    opt = curvlab.CurvatureOptimizer(packed, adapters=[Adapter()], estimator=estimator, lr=1e-3)
+    x1, x2 = batches(1)[0]
+    with pytest.warns(curvlab.CurvatureFallbackWarning, match="second"):
+        packed(x1, x2).square().sum().backward()
+        opt.step()
+    for p in (packed.weight, packed.bias):
+        assert torch.equal(opt.preconditioner(p), torch.full_like(p, 1 + 1e-3))
+    FirstOnly.skip_second = False
+    opt.zero_grad()
+    packed(x1, x2).square().sum().backward()
+    opt.step()
+    F_w = opt.preconditioner(packed.weight)
+    assert not torch.any(F_w == 1 + 1e-3) and torch.all(F_w >= 1e-3)

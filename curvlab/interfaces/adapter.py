@@ -103,8 +103,11 @@ class LayerAdapter(ABC):
         returns, with the same values, gradients and random-number consumption, and call
         ``observe(block, x, output)`` for every block computed: ``x`` is the tensor the block's
         input rows come from (passed to :meth:`input_diagonal` / :meth:`input_rows`), ``output``
-        the tensor whose gradient is the block's g (hooked like a layer output). Calling a
-        submodule (``module.out_proj(h)``) lets that submodule's own hooks capture it.
+        the tensor whose gradient is the block's g (hooked like a layer output). A submodule
+        that is a layer itself is captured by its own hooks when the forward calls it; when the
+        forward uses its weights functionally instead (as torch applies ``out_proj``), pass the
+        submodule's name as ``block`` (``observe("out_proj", h, y)``): its own adapter then
+        computes the statistics.
 
         The capture engine installs this as the module's forward when it attaches (an instance
         attribute, removed at detach) and calls it only while statistics are gathered (curvature
