@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.regions import check_regions
 
 
 @dataclass(eq=False)
@@ -124,7 +125,7 @@ def pair_parameters(
                     LayerRecord(name, module, block_adapter, roles, block=block, regions=regions)
                 )
                 claimed.update(id(p) for p in roles.values())
-        _check_regions(adapter, module_name, records, trainable_ids)
+        check_regions(type(adapter).__name__, module_name, records, trainable_ids)
         layers.extend(records)
         for pname, p in own.items():
             if id(p) not in role_ids:
@@ -139,63 +140,3 @@ def pair_parameters(
         reason = reasons.get(id(p), "not a parameter of the model's modules")
         fallback.append(FallbackParameter(names.get(id(p), "<unnamed>"), tuple(p.shape), reason))
     return layers, fallback
-
-
-def _check_regions(
-    adapter: LayerAdapter, module_name: str, records: list[LayerRecord], trainable: set[int]
-) -> None:
-    """The blocks of one module must cover every row of each trainable parameter they split
-    into regions, without overlap (uncovered rows would get neither curvature nor fallback)."""
-    rows: dict[int, tuple[nn.Parameter, str, list[tuple[int, int]]]] = {}
-    for record in records:
-        for role, region in record.regions.items():
-            p = record.params[role]
-            start, stop, step = region.indices(p.shape[0])
-            if step != 1:
-                raise ValueError(
-                    f"{type(adapter).__name__}: region {region} of {role!r} must be contiguous rows"
-                )
-            rows.setdefault(id(p), (p, role, []))[2].append((start, stop))
-    for key, (p, role, spans) in rows.items():
-        if key not in trainable:
-            continue
-        spans = sorted(spans)
-        covered = 0
-        for start, stop in spans:
-            if start != covered:
-                break
-            covered = stop
-        if covered != p.shape[0] or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-            raise ValueError(
-                f"{type(adapter).__name__}: the blocks of {module_name or '<root>'!r} cover rows "
-                f"{spans} of its {role!r} parameter of {p.shape[0]} rows; the blocks of a packed "
-                f"parameter must cover every row exactly once"
-            )
-
-
-def shared_parameters(layers: list[LayerRecord]) -> set[int]:
-    """Ids of the parameters that get the *diagonal* of their layers' factors, summed.
-
-    A parameter is shared when several layers use overlapping rows of it (tied weights: a GPT
-    head tied to the token embedding), or when the blocks that split it into row regions have
-    different structures (one joint eigenbasis solve per block cannot cover it). Blocks of one
-    packed parameter with disjoint regions and the same structure (attention's q, k, v rows of
-    ``in_proj_weight``) are not shared: each is solved in its own eigenbasis.
-    """
-    uses: dict[int, list[tuple[tuple[int, int] | None, str]]] = {}
-    for record in layers:
-        for role, p in record.params.items():
-            region = record.regions.get(role)
-            span = None if region is None else region.indices(p.shape[0])[:2]
-            uses.setdefault(id(p), []).append((span, record.structure))
-    shared = set()
-    for key, spans in uses.items():
-        if len(spans) == 1:
-            continue
-        regions = sorted(s for s, _ in spans if s is not None)
-        disjoint = len(regions) == len(spans) and all(
-            a[1] <= b[0] for a, b in zip(regions, regions[1:])
-        )
-        if not disjoint or len({structure for _, structure in spans}) > 1:
-            shared.add(key)
-    return shared

@@ -23,8 +23,9 @@ from curvlab.interfaces import (
     UpdateRule,
 )
 from curvlab.interfaces.estimator import STRUCTURES
-from curvlab.layers import FallbackParameter, pair_parameters, shared_parameters
+from curvlab.layers import FallbackParameter, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
+from curvlab.regions import shared_parameters
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 

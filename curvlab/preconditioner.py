@@ -19,6 +19,7 @@ from torch import Tensor
 
 from curvlab.interfaces.update import Preconditioner
 from curvlab.layers import LayerRecord
+from curvlab.regions import rows_of, span, tiles, uncovered_parameters
 
 
 @dataclass
@@ -92,58 +93,6 @@ class Term(NamedTuple):
         return cls(left, right, shape, region)
 
 
-def _rows(tensor: Tensor, region: slice | None) -> Tensor:
-    return tensor if region is None else tensor[region]
-
-
-def _span(region: slice, rows: int) -> tuple[int, int]:
-    start, stop, _ = region.indices(rows)
-    return start, stop
-
-
-def _uncovered(layers: list[LayerRecord], layer_factors: dict[str, LayerFactors]) -> set[int]:
-    """Ids of the parameters split into row regions (packed) that the layers with factors do
-    not cover entirely."""
-    packed = {id(r.params[role]) for r in layers for role in r.regions}
-    if not packed:  # the usual case: nothing to check
-        return set()
-    spans: dict[int, list[tuple[int, int]]] = {}
-    rows: dict[int, int] = {}
-    for record in layers:
-        if record.name not in layer_factors:
-            continue
-        for role, p in record.params.items():
-            if id(p) in packed:
-                region = record.regions.get(role)
-                rows[id(p)] = n = p.shape[0]
-                spans.setdefault(id(p), []).append((0, n) if region is None else _span(region, n))
-    out = set()
-    for key in packed:
-        if key not in spans:
-            continue  # no layer with factors at all: not preconditioned anyway
-        covered = 0
-        for start, stop in sorted(spans[key]):
-            if start > covered:
-                break
-            covered = max(covered, stop)
-        if covered < rows[key]:
-            out.add(key)
-    return out
-
-
-def _tiles(terms: list[Term], rows: int) -> bool:
-    """Whether every term has a region and the distinct regions cover ``rows`` exactly once
-    (the blocks of a packed parameter, several times each for a tied one)."""
-    if any(t.region is None for t in terms):
-        return False
-    spans = sorted({_span(t.region, rows) for t in terms})
-    return (
-        spans[0][0] == 0
-        and spans[-1][1] == rows
-        and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    )
-
-
 def uses_curvature_terms(adapter: object) -> bool:
     """Whether the adapter's most derived definition is ``curvature_terms`` (not ``curvature``)."""
     for cls in type(adapter).__mro__:
@@ -199,7 +148,7 @@ class CurvaturePreconditioner(Preconditioner):
         derived: list[tuple[LayerRecord, Tensor, Tensor]] = []
         #: packed parameters with rows that no layer with factors covers yet (a block not
         #: captured so far): identity curvature for the whole parameter until it is covered
-        self.incomplete = _uncovered(layers, layer_factors)
+        self.incomplete = uncovered_parameters(layers, layer_factors)
         for record in layers:
             factors = layer_factors.get(record.name)
             if factors is None:
@@ -268,19 +217,40 @@ class CurvaturePreconditioner(Preconditioner):
     # -- diagonal curvature into a buffer ------------------------------------------------------
     @staticmethod
     def _write_terms(out: Tensor, terms: list[Term], scale: Tensor | None = None) -> Tensor:
-        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape;
-        a term with a region writes those rows only)."""
-        written: set[tuple[int, int] | None] = set()
-        if any(t.region is not None for t in terms) and not _tiles(terms, out.shape[0]):
-            out.zero_()  # regions that overlap partially or leave rows out: every term adds
-            written = {None} | {_span(t.region, out.shape[0]) for t in terms if t.region}
-        for left, right, shape, region in terms:
+        """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape)."""
+        if any(t.region is not None for t in terms):
+            return CurvaturePreconditioner._write_region_terms(out, terms, scale)
+        for k, (left, right, shape, _) in enumerate(terms):
             if scale is not None:
                 left = left * scale  # small: a factor vector, not the parameter
-            span = None if region is None else _span(region, out.shape[0])
-            view = out.view(shape) if span is None else out[span[0] : span[1]].view(shape)
-            first = span not in written  # the first term of each region (or of all) writes
-            written.add(span)
+            view = out.view(shape)
+            if right is None:
+                view.copy_(left) if k == 0 else view.add_(left)
+            else:
+                torch.mul(left, right, out=view) if k == 0 else view.addcmul_(left, right)
+        return out
+
+    @staticmethod
+    def _write_region_terms(out: Tensor, terms: list[Term], scale: Tensor | None) -> Tensor:
+        """:meth:`_write_terms` for a packed parameter: a term with a region writes its rows.
+        Regions that tile the rows (each block, possibly several times when tied): the first
+        term of each region writes it; anything else (partial overlaps, a term on the whole
+        parameter too): zero, then every term adds."""
+        rows = out.shape[0]
+        written: set[tuple[int, int] | None] = set()
+        if not tiles([t.region for t in terms], rows):
+            out.zero_()
+            written = {None} | {span(t.region, rows) for t in terms if t.region is not None}
+        for left, right, shape, region in terms:
+            if scale is not None:
+                left = left * scale
+            rows_span = None if region is None else span(region, rows)
+            if rows_span is None:
+                view = out.view(shape)
+            else:
+                view = out[rows_span[0] : rows_span[1]].view(shape)
+            first = rows_span not in written
+            written.add(rows_span)
             if right is None:
                 view.copy_(left) if first else view.add_(left)
             else:
@@ -427,7 +397,7 @@ class CurvaturePreconditioner(Preconditioner):
                 continue
             adapter, module, regions = record.adapter, record.module, record.regions
             matrix = adapter.to_matrix(
-                module, {r: _rows(tensors[i], regions.get(r)) for r, i in roles.items()}
+                module, {r: rows_of(tensors[i], regions.get(r)) for r, i in roles.items()}
             )
             solved = self._eigen_solve(matrix.to(factors.H.dtype), factors, power)
             pieces = adapter.from_matrix(module, solved)

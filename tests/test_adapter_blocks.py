@@ -19,7 +19,8 @@ from torch import nn
 import curvlab
 from curvlab.interfaces import LayerAdapter, Statistic
 from curvlab.interfaces.adapter import square_sum
-from curvlab.layers import LayerRecord, shared_parameters
+from curvlab.layers import LayerRecord
+from curvlab.regions import shared_parameters
 
 DT = torch.float64
 IN, OUT = 5, 4
