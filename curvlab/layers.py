@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from curvlab import registry
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
 from curvlab.naming import canonical_named_modules, canonical_parameter_names
+from curvlab.regions import check_regions
 
 
 @dataclass(eq=False)
@@ -29,6 +30,10 @@ class LayerRecord:
     params: dict[str, nn.Parameter]
     #: "diagonal", "banded" or "full": the estimator's structure for this layer
     structure: str = "diagonal"
+    #: the Kronecker block of ``module`` this record holds (``LayerAdapter.blocks``; "" = whole)
+    block: str = ""
+    #: role → rows of the parameter this block covers (``LayerAdapter.regions``; absent = whole)
+    regions: dict[str, slice] = field(default_factory=dict)
     #: True once any statistic was captured for this layer
     captured: bool = False
     input_total: Tensor | None = field(default=None, repr=False)
@@ -219,6 +224,9 @@ def pair_parameters(
     * a parameter used by several supported modules (tied weights) gets the sum of their
       curvatures; a module reused in several places contributes every call;
     * a layer is hooked only if at least one of its parameters is being optimized;
+    * an adapter that describes a module as several Kronecker blocks (``LayerAdapter.blocks``)
+      gives one layer per block, named ``"<module>.<block>"``; a block may own rows of a packed
+      parameter (``LayerAdapter.regions``);
     * every other trainable parameter (unsupported module, root parameter, parameter the
       adapter does not claim) gets the fallback rule and is reported.
 
@@ -240,21 +248,30 @@ def pair_parameters(
             for p in own.values():
                 reasons.setdefault(id(p), why)
             continue
-        try:
-            roles = adapter.parameters(module)
-        except (AttributeError, ValueError) as err:  # a mapping's options do not fit the module
-            raise ValueError(
-                f"layer {module_name or '<root>'!r} ({type(module).__name__}): {err}"
-            ) from None
-        role_ids = {id(p) for p in roles.values()}
+        role_ids: set[int] = set()
+        records = []
+        for block, block_adapter in adapter.blocks(module).items():
+            try:
+                roles = block_adapter.parameters(module)
+            except (AttributeError, ValueError) as err:  # a mapping's options do not fit
+                raise ValueError(
+                    f"layer {module_name or '<root>'!r} ({type(module).__name__}): {err}"
+                ) from None
+            role_ids.update(id(p) for p in roles.values())
+            if any(id(p) in trainable_ids for p in roles.values()):
+                name = ".".join(part for part in (module_name, block) if part) or "<root>"
+                regions = dict(block_adapter.regions(module))
+                records.append(
+                    LayerRecord(name, module, block_adapter, roles, block=block, regions=regions)
+                )
+                claimed.update(id(p) for p in roles.values())
+        check_regions(type(adapter).__name__, module_name, records, trainable_ids)
+        layers.extend(records)
         for pname, p in own.items():
             if id(p) not in role_ids:
                 reasons.setdefault(
                     id(p), f"{type(adapter).__name__} does not claim parameter {pname!r}"
                 )
-        if any(id(p) in trainable_ids for p in roles.values()):
-            layers.append(LayerRecord(module_name or "<root>", module, adapter, roles))
-            claimed.update(role_ids)
 
     fallback = []
     for p in trainable:

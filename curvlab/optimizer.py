@@ -28,6 +28,7 @@ from curvlab.interfaces import (
 from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
+from curvlab.regions import shared_parameters
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
@@ -42,6 +43,7 @@ PAPER_ADAPTERS = (
     "layernorm",
     "groupnorm",
     "embedding",
+    "multihead_attention",
 )
 #: RMS-type norms (nn.RMSNorm; transformers' classes through register_layer) and transformers'
 #: Conv1D (looked up lazily: transformers is never imported by curvlab)
@@ -233,12 +235,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._layer_by_name = {r.name: r for r in self.layers}
         for record in self.layers:  # re-pairing (add_param_group) keeps what was captured
             record.captured = record.name in captured
-        uses: dict[int, int] = {}
         for record in self.layers:
             record.structure = self.estimator.layer_structure(record.adapter)
-            for p in record.params.values():
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        self._shared = {key for key, n in uses.items() if n > 1}
+        self._shared = shared_parameters(self.layers)
         if not self.layers and not self._allow_no_supported_layer:
             supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(

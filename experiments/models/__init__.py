@@ -4,6 +4,7 @@ from curvlab.experiments.models.gpt import GPT, gpt
 from curvlab.experiments.models.mobilenet import MobileNetV3, mobilenet_v3_small
 from curvlab.experiments.models.resnet import ResNet, resnet18, resnet50
 from curvlab.experiments.models.small import MLP, DigitsCNN, digits_cnn, mlp
+from curvlab.experiments.models.transformer_gpt import TransformerGPT, transformer_gpt
 
 __all__ = [
     "GPT",
@@ -11,10 +12,12 @@ __all__ = [
     "DigitsCNN",
     "MobileNetV3",
     "ResNet",
+    "TransformerGPT",
     "digits_cnn",
     "gpt",
     "mlp",
     "mobilenet_v3_small",
     "resnet18",
     "resnet50",
+    "transformer_gpt",
 ]

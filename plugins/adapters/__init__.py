@@ -1,6 +1,7 @@
 """Layer adapters: what the Kronecker rows ā and g are for each module type."""
 
 from curvlab.plugins.adapters import (
+    attention,
     conv2d,
     conv_transpose,
     convolution,
@@ -13,6 +14,7 @@ from curvlab.plugins.adapters import (
 )
 
 __all__ = [
+    "attention",
     "conv2d",
     "conv_transpose",
     "convolution",
