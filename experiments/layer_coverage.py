@@ -2,9 +2,10 @@
 
 ``python -m curvlab.experiments.layer_coverage table`` prints the coverage table: the share of
 trainable elements with layer curvature under ``curvlab.AdaFisherW(model)`` at its defaults,
-before (the adapter list of curvlab 0.1.0: no RMSNorm, no transformers Conv1D) and now, for
-tiny transformers models built from config objects (no download), an MLP with ``nn.RMSNorm``
-and an LSTM language model.
+before (the adapter list of curvlab 0.1.0) and now, for tiny transformers models built from
+config objects (no download), the torch models of ``experiments/coverage_models.py``
+(transformer encoders, cross-attention, Conv1d/Conv3d nets, a U-Net block, an MLP with
+``nn.RMSNorm``) and an LSTM language model.
 
 ``python -m curvlab.experiments.layer_coverage lstm --out DIR`` trains the LSTM language model
 on the standard-library byte corpus with AdaFisherW under the ``identity`` and the
@@ -26,10 +27,11 @@ from torch import nn
 
 import curvlab
 from curvlab.coverage import percent
-from curvlab.optimizer import PAPER_ADAPTERS
+from curvlab.experiments.coverage_models import TASKS
 
-#: the default adapters before RMS-type norms and transformers' Conv1D were added
-ADAPTERS_BEFORE = tuple(a for a in PAPER_ADAPTERS if a not in ("rmsnorm", "hf_conv1d"))
+#: the default adapters of curvlab 0.1.0, before the layer-coverage work (Conv1d/3d,
+#: transposed convolutions, MultiheadAttention, RMS-type norms, transformers' Conv1D)
+ADAPTERS_BEFORE = ("linear", "conv2d", "batchnorm", "layernorm", "groupnorm", "embedding")
 
 
 class LSTMLM(nn.Module):
@@ -104,22 +106,11 @@ def tiny_models() -> dict[str, Callable[[], nn.Module]]:
             )
         )
 
-    def mlp_rmsnorm() -> nn.Module:
-        return nn.Sequential(
-            nn.Linear(64, 128),
-            nn.RMSNorm(128),
-            nn.GELU(),
-            nn.Linear(128, 128),
-            nn.RMSNorm(128),
-            nn.GELU(),
-            nn.Linear(128, 10),
-        )
-
     return {
         "GPT-2 (`GPT2LMHeadModel`, 2 layers, d 64)": gpt2,
         "BERT (`BertForMaskedLM`, 2 layers, d 64)": bert,
         "Llama (`LlamaForCausalLM`, 2 layers, d 64)": llama,
-        "MLP with `nn.RMSNorm`": mlp_rmsnorm,
+        **{name: task.build for name, task in TASKS.items()},
         "LSTM LM (embedding 64, LSTM 128, head)": lambda: LSTMLM(),
     }
 
