@@ -96,6 +96,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damp_fallback: the constant ``F`` of parameters without curvature of their own:
             ``1 + λ`` (True, the paper) or ``1`` (the official code).
         allow_no_supported_layer: otherwise a model without any supported layer is an error.
+        exclusive: a new exclusive optimizer on layers another live one has hooked detaches that
+            one (with an ``OptimizerReplacedWarning``; ``curvlab.lifecycle``). ``False`` shares
+            the layers instead: the optimizer neither replaces nor is replaced (e.g. a
+            learning-rate-0 optimizer that only accumulates full factors for an analysis next
+            to the one that trains).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         damp_fallback: bool = True,
         allow_no_supported_layer: bool = False,
         warn_on_fallback: bool = True,
+        exclusive: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -165,6 +171,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.damp_fallback = bool(damp_fallback)
         self._allow_no_supported_layer = bool(allow_no_supported_layer)
         self._warn_on_fallback = bool(warn_on_fallback)
+        self._exclusive = bool(exclusive)
         self.model = model
 
         if params is None:
@@ -247,7 +254,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
         self.fallback.check(self._fallback)
-        taken = lifecycle.claim(self, [(r.name, r.module) for r in self.layers])
+        taken = (
+            lifecycle.claim(self, [(r.name, r.module) for r in self.layers])
+            if self._exclusive
+            else []
+        )
         if taken:
             warnings.warn(
                 lifecycle.replaced_message(type(self).__name__, taken),

@@ -172,3 +172,31 @@ def test_close_and_collection_remove_functional_layer_overrides() -> None:
     del opt
     gc.collect()
     assert hook_count(model) == 0
+
+
+def test_non_exclusive_optimizer_shares_the_layers() -> None:
+    """A learning-rate-0 optimizer that only accumulates factors next to the training one
+    (the analyses' "shadow"): neither replaces the other, both capture every step."""
+    model = make_model()
+    opt = curvlab.AdaFisher(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimizerReplacedWarning)
+        shadow = curvlab.CurvatureOptimizer(model, lr=0.0, estimator="full", exclusive=False)
+    assert not opt.closed and not shadow.closed
+    assert hook_count(model) == 6
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,), generator=g)
+        opt.zero_grad()
+        shadow.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        shadow.step()
+        opt.step()
+    assert set(shadow.curvature_state) == set(opt.curvature_state) == {"0", "1", "3"}
+    shadow.close()
+    assert hook_count(model) == 3 and not opt.closed
+    # a later exclusive optimizer replaces the exclusive owner
+    with pytest.warns(OptimizerReplacedWarning):
+        curvlab.AdaFisher(model)
+    assert opt.closed

@@ -228,10 +228,11 @@ def test_eval_and_no_grad_paths_are_untouched(batch_first, monkeypatch):
     attention_only, everything, others = (copy.deepcopy(base) for _ in range(3))
     others_names = [a for a in PAPER_ADAPTERS if a != "multihead_attention"]
     with pytest.warns(curvlab.CurvatureFallbackWarning):
-        curvlab.AdaFisher(attention_only, adapters=["multihead_attention"])
-    curvlab.AdaFisher(everything)
+        kept = [curvlab.AdaFisher(attention_only, adapters=["multihead_attention"])]
+    kept.append(curvlab.AdaFisher(everything))  # kept alive: a dropped optimizer unhooks
     with pytest.warns(curvlab.CurvatureFallbackWarning):
-        curvlab.AdaFisher(others, adapters=others_names)
+        kept.append(curvlab.AdaFisher(others, adapters=others_names))
+    assert all(hooks_left(m) for m in (attention_only, everything, others))
     for a, b in zip(eval_outputs(attention_only, x, pad), eval_outputs(base, x, pad)):
         assert torch.equal(a, b)
     for a, b in zip(eval_outputs(everything, x, pad), eval_outputs(others, x, pad)):
