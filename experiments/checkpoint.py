@@ -125,6 +125,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
+def _reason(err: BaseException) -> str:
+    """The informative part of a load error (torch's weights_only message wraps it in advice
+    to load with ``weights_only=False``, which this module never does)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device | None = None, kind: str = "train"
 ) -> dict[str, Any]:
@@ -141,19 +151,17 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = _UNSUPPORTED_GLOBAL.search(str(err))
-        what = f" (it refers to {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"checkpoint {path} holds more than tensors and plain data{what}; it was not "
-            f"loaded: checkpoints are read with torch.load(weights_only=True) and never run "
-            f"code (docs/security.md)"
-        ) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for a broken file
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        found = _UNSUPPORTED_GLOBAL.search(str(err))
+        if isinstance(err, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"checkpoint {path} holds more than tensors and plain data (it refers to "
+                f"{found.group(1)}); it was not loaded: checkpoints are read with "
+                f"torch.load(weights_only=True) and never run code (docs/security.md)"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} cannot be read: it is truncated, corrupt or not a torch file "
-            f"({reason})"
+            f"({_reason(err)})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("kind") != kind:
         found = (
