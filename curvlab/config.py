@@ -236,7 +236,8 @@ def explain_error(err: BaseException, config: str | os.PathLike | None = None) -
             )
         return f"{source} {keys}, which {name} requires"
     call = _IN_CALL.search(text)
-    if call and not isinstance(err, ConfigError):
+    # a bad argument is named relative to the configurable that rejected it
+    if call and isinstance(err, (ValueError, TypeError)) and not isinstance(err, ConfigError):
         name = call["name"]
         if name not in head:
             head = f"{name}: {head}"
