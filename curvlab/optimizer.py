@@ -11,6 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import registry
+from curvlab.api_checks import (
+    CurvatureNotCapturedWarning,  # noqa: F401 - part of this module's interface
+    check_new_parameters,
+    check_parameters_belong_to,
+    warn_if_nothing_captured,
+)
 from curvlab.buffer_guard import BufferGuard
 from curvlab.capture import statistics_dtype
 from curvlab.factor_store import DiagonalFactorStore
@@ -36,10 +42,6 @@ EMA_SEMANTICS = ("paper", "official")
 
 class CurvatureFallbackWarning(UserWarning):
     """Some trainable parameters get identity curvature (listed in the message)."""
-
-
-class CurvatureNotCapturedWarning(UserWarning):
-    """``step()`` found gradients but the model's layers captured nothing (eval mode)."""
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -167,7 +169,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- assembly ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_new_parameters(param_group, self.model, len(self.param_groups))
+        check_new_parameters(param_group, self.model, len(self.param_groups))
         for key in ("lr", "beta", "weight_decay"):
             if key in param_group:
                 bounds = {"lr": (0.0, None), "beta": (0.0, 1.0), "weight_decay": (0.0, None)}[key]
@@ -206,7 +208,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 uses[id(p)] = uses.get(id(p), 0) + 1
         self._shared = {key for key, n in uses.items() if n > 1}
         if not self.layers and not self._allow_no_supported_layer:
-            _check_parameters_belong_to(self.model, self._trainable())
+            check_parameters_belong_to(self.model, self._trainable())
             supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(
                 f"the model has no layer that the adapters "
@@ -531,7 +533,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         if self._capture_active:
             self.backend.collect()
-            _warn_if_nothing_captured(self, all_grads)
+            warn_if_nothing_captured(self, all_grads)
         stats, ok = self._reduce_statistics(all_grads, device)
         if stats and not self._seen_capture:
             self._seen_capture = True
@@ -662,67 +664,3 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         )
         return f"{type(self).__name__}({parts})"
 
-
-# -- API checks (small helpers, kept apart from the step) ------------------------------------------
-def _parameter_names(model: nn.Module) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), name)
-    return names
-
-
-def _check_new_parameters(param_group: dict[str, Any], model: nn.Module, index: int) -> None:
-    """Reject what would be trained wrongly: complex parameters (the curvature is defined for
-    real ones) and a parameter listed twice in one group (it would be updated twice).
-    Materialises ``param_group["params"]`` as a list (it may be a generator)."""
-    params = param_group["params"]
-    if isinstance(params, set):
-        return  # torch.optim rejects sets (their order is not reproducible)
-    params = [params] if isinstance(params, Tensor) else list(params)
-    param_group["params"] = params
-    names = _parameter_names(model)
-    seen: set[int] = set()
-    for i, p in enumerate(params):
-        name = names.get(id(p), f"params[{i}] (not a parameter of the model)")
-        if isinstance(p, Tensor) and p.is_complex():
-            raise ValueError(
-                f"parameter {name} of param group {index} is complex ({p.dtype}): curvlab "
-                f"optimizers train real floating-point parameters only (view it as real with "
-                f"torch.view_as_real and a real nn.Parameter)"
-            )
-        if id(p) in seen:
-            raise ValueError(
-                f"parameter {name} is listed twice in param group {index}: it would be updated "
-                f"twice per step; pass each parameter once"
-            )
-        seen.add(id(p))
-
-
-def _check_parameters_belong_to(model: nn.Module, params: list[Tensor]) -> None:
-    """Explain a model without hooked layers that is really a parameter mismatch."""
-    own = set(_parameter_names(model))
-    foreign = [p for p in params if id(p) not in own]
-    if foreign and len(foreign) == len(params):
-        shapes = ", ".join(str(list(p.shape)) for p in foreign[:5])
-        raise ValueError(
-            f"none of the {len(params)} parameters given to the optimizer belong to `model` "
-            f"{type(model).__name__} (shapes {shapes}{', ...' if len(foreign) > 5 else ''}): "
-            f"pass the model whose parameters are trained (its layers are hooked for curvature)"
-        )
-
-
-def _warn_if_nothing_captured(opt: CurvatureOptimizer, grads: list[Tensor]) -> None:
-    """Once: a curvature step with gradients but no statistics because the layers were in
-    eval mode (``model.eval()`` during the training forward)."""
-    if opt._warned_not_training or not grads or not opt.layers:
-        return
-    if any(r.has_statistics for r in opt.layers) or any(r.module.training for r in opt.layers):
-        return
-    opt._warned_not_training = True
-    warnings.warn(
-        "step() got gradients, but no layer captured curvature statistics: the model is in eval "
-        "mode (model.eval()), where curvlab captures nothing; call model.train() before the "
-        "training forward (the step uses the factors as they were)",
-        CurvatureNotCapturedWarning,
-        stacklevel=3,
-    )

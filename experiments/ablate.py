@@ -35,18 +35,14 @@ one line per variant, mean over seeds) into OUT.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import io
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
-import tokenize
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -56,12 +52,13 @@ from typing import Any
 import gin
 
 from curvlab.config import resolve_config
+from curvlab.experiments.grid_names import (  # noqa: F401 - NAME is part of this interface
+    NAME,
+    check_variant_names,
+    duplicate_variant_names,
+)
 from curvlab.validation import ConfigError, check_positive_int
 
-#: a variant name is a folder name: no separators, no leading dot (".", ".." and hidden folders)
-NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
-#: files the report writes into --out, which a variant folder must not shadow
-REPORT_FILES = ("results.csv", "results.md", "grid.json")
 #: per-run columns of results.csv (after variant, seed, status)
 METRICS = ("epoch", "train_loss", "test_loss", "test_accuracy", "train_time_s", "time_s")
 #: (column, title, scale, digits) of results.md
@@ -129,20 +126,8 @@ class Grid:
     def __post_init__(self) -> None:
         if not self.variants:
             raise ValueError("ablate.variants is empty: name at least one variant")
-        folded: dict[str, str] = {}
+        check_variant_names(self.variants)
         for name, items in self.variants.items():
-            if not NAME.match(name) or name.lower() in REPORT_FILES or name.endswith(".png"):
-                raise ValueError(
-                    f"variant name {name!r} must match {NAME.pattern} and not be "
-                    f"{', '.join(REPORT_FILES)} or *.png: it names the run's folder inside --out "
-                    f"(letters, digits, _ + - and inner dots)"
-                )
-            if name.lower() in folded:  # one folder on case-insensitive file systems
-                raise ValueError(
-                    f"variant names {folded[name.lower()]!r} and {name!r} differ only in case; "
-                    f"their runs would share a directory on some file systems: rename one"
-                )
-            folded[name.lower()] = name
             if isinstance(items, str):
                 raise ValueError(
                     f"variant {name!r}: give a list of items, not the string {items!r}"
@@ -217,47 +202,6 @@ def load_grid(path: str | os.PathLike, bindings: Sequence[str] = ()) -> Grid:
         return grid(directory=config.parent if config else None)
     finally:
         gin.clear_config()
-
-
-def duplicate_variant_names(text: str, bindings: Sequence[str] = ()) -> list[str]:
-    """Keys repeated in the last ``ablate.variants = {...}`` of the grid file and the bindings
-    (gin builds a dict, so a repeated key would silently keep only its last entry)."""
-    sources = [text, *bindings]
-    for source in reversed(sources):  # the last binding is the one gin uses
-        literal = _last_variants_literal(source)
-        if literal is None:
-            continue
-        try:
-            node = ast.parse(literal, mode="eval").body
-        except SyntaxError:
-            return []  # gin syntax Python does not read (e.g. @references): nothing to check
-        if not isinstance(node, ast.Dict):
-            return []
-        keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
-        return sorted({k for k in keys if keys.count(k) > 1})
-    return []
-
-
-def _last_variants_literal(source: str) -> str | None:
-    """The text of the ``{...}`` bound to ``ablate.variants`` last in ``source``."""
-    matches = list(re.finditer(r"(?m)^\s*ablate\.variants\s*=\s*(?=\{)", source))
-    if not matches:
-        return None
-    rest = source[matches[-1].end() :]
-    depth = 0
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(rest).readline):
-            if token.type != tokenize.OP:
-                continue
-            depth += token.string in "([{"
-            depth -= token.string in ")]}"
-            if depth == 0:
-                lines = rest.splitlines(keepends=True)
-                row, col = token.end
-                return "".join(lines[: row - 1]) + lines[row - 1][:col]
-    except tokenize.TokenError:
-        return None
-    return None
 
 
 # -- running --------------------------------------------------------------------------------------

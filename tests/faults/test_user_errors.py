@@ -190,9 +190,10 @@ def test_ablate_bad_grid_is_one_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     variants, fragments = ABLATE_CASES[case]
     grid = grid_file(tmp_path, variants)
-    code, err = run_cli(capsys, ["ablate", grid, "--out", tmp_path / "out", "--quiet"])
+    # "--out base/out": a variant ".." would run in base/seed_0, still inside tmp_path
+    code, err = run_cli(capsys, ["ablate", grid, "--out", tmp_path / "base" / "out", "--quiet"])
     assert_one_line_error(code, err, *fragments)
-    assert not list(tmp_path.parent.rglob("seed_*"))  # no run started, inside --out or not
+    assert not list(tmp_path.rglob("seed_*"))  # no run started, inside --out or not
 
 
 def test_ablate_command_line_errors(tmp_path, capsys):
