@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvlab.interfaces.update import known_flag
+
 
 @dataclass
 class _Entry:
@@ -84,7 +86,7 @@ class BufferGuard:
         """End of a step: where ``ok`` (0-dim bool, on device) is False, put back the buffers
         as they were at the snapshot; re-arm the snapshot for the next step."""
         snapshot, self._snapshot, self._armed = self._snapshot, {}, True
-        if not snapshot or (ok.device.type == "cpu" and bool(ok)):
+        if not snapshot or known_flag(ok) is True:  # read only where it is free (CPU)
             return
         for (device, _), (entries, before) in snapshot.items():
             sizes = [e.tensor.numel() for e in entries]

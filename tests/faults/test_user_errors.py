@@ -66,6 +66,7 @@ RUN_CASES = {
     "malformed binding": (["--bind", "optimizer.lr"], ["--bind 'optimizer.lr'", "KEY = VALUE"]),
     "unbalanced binding": (["--bind", "optimizer.lr = (0.1"], ["--bind 'optimizer.lr = (0.1'"]),
     "fractional epochs": (["--bind", "train.epochs = 1.5"], ["train.epochs", "1.5"]),
+    "zero epochs": (["--bind", "train.epochs = 0"], ["train.epochs", "got 0"]),
     "zero batch size": (["--bind", "train.batch_size = 0"], ["train.batch_size", "got 0"]),
     "negative batch size": (["--bind", "train.batch_size = -8"], ["train.batch_size", "-8"]),
     "zero threads": (["--bind", "train.num_threads = 0"], ["train.num_threads"]),
