@@ -240,3 +240,16 @@ def resume_path(
         f"{key} must be True, False or the path of a checkpoint, got {resume!r} "
         f"({type(resume).__name__})"
     )
+
+
+def restore(path: Path, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load the model and optimizer states of a checkpoint; a state that does not fit (the
+    code of the model changed) is a :class:`CheckpointError` naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model or optimizer ({first})"
+        ) from None

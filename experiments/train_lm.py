@@ -55,6 +55,7 @@ from curvlab.experiments.checkpoint import (
     changed_bindings,
     config_bindings,
     load_checkpoint,
+    restore,
     resume_path,
     save_checkpoint,
 )
@@ -254,8 +255,7 @@ def _train_lm(
                 f"({'; '.join(changed)}). A resumed run continues the same run; start a new one "
                 f"(another --out, or --overwrite) to change them"
             )
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        restore(resume_from, net, opt, state)
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         first_step = state["step"] + 1

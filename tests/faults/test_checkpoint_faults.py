@@ -155,3 +155,14 @@ def test_a_file_that_is_not_a_run_checkpoint_is_named(tmp_path):
     torch.save({"weight": torch.ones(2)}, path)  # a plain state dict: loadable, not a run
     with pytest.raises(CheckpointError, match="not a checkpoint of a `train` run"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_model_is_named(finished_run):
+    """The config check catches changed bindings; a model whose *code* changed is caught when
+    its state is loaded."""
+    from curvlab.experiments.checkpoint import restore
+
+    state = load_checkpoint(finished_run / "checkpoint.pt")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="does not fit this model or optimizer"):
+        restore(finished_run / "checkpoint.pt", model, torch.optim.SGD(model.parameters()), state)
