@@ -12,6 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import lifecycle, registry
+from curvlab.api_checks import (
+    CurvatureNotCapturedWarning,  # noqa: F401 - part of this module's interface
+    check_new_parameters,
+    check_parameters_belong_to,
+    warn_if_nothing_captured,
+)
+from curvlab.buffer_guard import BufferGuard
 from curvlab.capture import statistics_dtype
 from curvlab.coverage import Coverage, FallbackCoverage, LayerCoverage
 from curvlab.factor_store import DiagonalFactorStore
@@ -49,6 +56,12 @@ PAPER_ADAPTERS = (
 #: Conv1D (looked up lazily: transformers is never imported by curvlab)
 PAPER_ADAPTERS += ("rmsnorm", "hf_conv1d")
 EMA_SEMANTICS = ("paper", "official")
+
+
+def _detach(backend: Backend, guard: BufferGuard) -> None:
+    """Remove every hook an optimizer installed (its backend's and its buffer guard's)."""
+    backend.detach()
+    guard.detach()
 
 
 class CurvatureFallbackWarning(UserWarning):
@@ -198,13 +211,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._closed = False
         #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
         self._capture_gate = lifecycle.weak_gate(self)
-        # a dropped optimizer's hooks go with it (the backend does not reference it)
-        self._finalizer = weakref.finalize(self, self.backend.detach)
+        self._warned_not_training = False
         self._ready = True
         self._pair_layers()
+        #: undoes the buffer updates (BatchNorm statistics) of a skipped step
+        self._buffer_guard = BufferGuard(model)
+        # a dropped optimizer's hooks go with it (neither the backend nor the guard references
+        # the optimizer)
+        self._finalizer = weakref.finalize(self, _detach, self.backend, self._buffer_guard)
 
     # -- assembly ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_new_parameters(param_group, self.model, len(self.param_groups))
         for key in ("lr", "beta", "weight_decay"):
             if key in param_group:
                 bounds = {"lr": (0.0, None), "beta": (0.0, 1.0), "weight_decay": (0.0, None)}[key]
@@ -246,6 +264,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             record.structure = self.estimator.layer_structure(record.adapter)
         self._shared = shared_parameters(self.layers)
         if not self.layers and not self._allow_no_supported_layer:
+            check_parameters_belong_to(self.model, self._trainable())
             supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(
                 f"the model has no layer that the adapters "
@@ -293,7 +312,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         self._finalizer.detach()
-        self.backend.detach()
+        _detach(self.backend, self._buffer_guard)
         for record in self.layers:
             record.clear()
         lifecycle.release(self, [r.module for r in self.layers])
@@ -684,6 +703,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         if self._capture_active:
             self.backend.collect()
+            warn_if_nothing_captured(self, all_grads)
         stats, ok = self._reduce_statistics(all_grads, device)
         if stats and not self._seen_capture:
             self._seen_capture = True
@@ -697,6 +717,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
 
         self.update_rule.update(work, self._make_preconditioner(), ok)
+        self._buffer_guard.restore(ok)
 
         self._skipped += (~ok).to(torch.int64)
         self._step += 1
@@ -813,3 +834,4 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ).items()
         )
         return f"{type(self).__name__}({parts})"
+

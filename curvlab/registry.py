@@ -117,8 +117,11 @@ def lookup(kind: str, name: str) -> type:
     try:
         return _REGISTRY[kind][name]
     except KeyError:
+        from curvlab.validation import did_you_mean
+
         raise UnknownPluginError(
-            f"unknown {kind} plugin {name!r}; registered {kind}: {', '.join(names)}"
+            f"unknown {kind} plugin {name!r}{did_you_mean(name, names)}; "
+            f"registered {kind}: {', '.join(names)}"
         ) from None
 
 
