@@ -255,9 +255,10 @@ def test_detach_removes_everything_and_is_idempotent():
     plain = copy.deepcopy(model)
     opt = curvlab.AdaFisherW(model)
     assert any("forward override" in h for h in hooks_left(model))
-    opt.backend.detach()
+    opt.close()
     assert hooks_left(model) == []
-    opt.backend.detach()  # again: nothing to remove, nothing fails
+    opt.close()  # again: nothing to remove, nothing fails
+    opt.backend.detach()
     assert hooks_left(model) == []
     for m in (model, plain):
         torch.manual_seed(3)
