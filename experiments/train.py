@@ -94,6 +94,7 @@ def train(
     seed: int = 0,
     device: str = "cpu",
     augment: bool | Callable[[torch.Tensor], torch.Tensor] = False,
+    shuffle: bool = True,
     time_budget_s: float | None = None,
     time_budget_from: str | None = None,
     time_budget_epochs: int | None = None,
@@ -109,7 +110,9 @@ def train(
     ``seed``) to every training batch, or pass any batched transform. Budgets: see the module
     docstring. ``num_threads`` sets torch's intra-op threads for the run (restored afterwards).
     Writes ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``operative_config.gin``
-    into ``out_dir`` when given.
+    into ``out_dir`` when given. ``shuffle = False`` takes the batches in the dataset's order,
+    the same every epoch (the MNIST-1D reference protocol); by default each epoch is a new
+    permutation.
 
     ``checkpoint_every = k`` saves model, optimizer (factors included) and RNG state to
     ``out_dir/checkpoint.pt`` every k epochs; ``resume = True`` continues from it (the run then
@@ -132,7 +135,7 @@ def train(
         torch.set_num_threads(num_threads)
     try:
         return _train(model, data, optimizer, epochs, batch_size, seed, device, augment,
-                      time_budget_s, out_dir, quiet, checkpoint_every, resume)
+                      time_budget_s, out_dir, quiet, checkpoint_every, resume, shuffle)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -151,6 +154,7 @@ def _train(
     quiet: bool,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    shuffle: bool = True,
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -176,7 +180,7 @@ def _train(
         sampler = None
         if ctx.world > 1:
             sampler = DistributedSampler(
-                range(len(x_tr)), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed
+                range(len(x_tr)), num_replicas=ctx.world, rank=ctx.rank, shuffle=shuffle, seed=seed
             )
 
         out = Path(out_dir) if out_dir and ctx.is_main else None
@@ -203,7 +207,9 @@ def _train(
         for epoch in bar:
             tick = time.perf_counter()
             trained.train()
-            if sampler is None:
+            if sampler is None and not shuffle:
+                order = torch.arange(len(x_tr))
+            elif sampler is None:
                 order = torch.randperm(len(x_tr), generator=generator)
             else:
                 sampler.set_epoch(epoch)
