@@ -379,8 +379,9 @@ def stage_time(study: str, args: argparse.Namespace) -> None:
 
 
 def stage_estimate(study: str, args: argparse.Namespace) -> None:
-    """Predicted serial CPU time of the full sweep and grid of ``study`` from the per-epoch
-    training time and the start-up overhead of a finished (pilot) steps stage in ``--from``."""
+    """Predicted time of the full sweep and grids of ``study``, one run at a time, from the
+    per-epoch training time and the start-up overhead of a finished (pilot) steps stage in
+    ``--from`` (so at that pilot's machine load; variants it lacks get its slowest rate)."""
     if args.source is None:
         raise SystemExit("estimate needs --from DIR (a finished steps stage, e.g. a pilot)")
     per_epoch, overhead = {}, []
@@ -413,8 +414,9 @@ def stage_estimate(study: str, args: argparse.Namespace) -> None:
                 seconds += len(grid.seeds) * (fixed + 200 * rate(base))
         total_h += seconds / 3600
         print(f"{study} {label}: {len(grid.variants)} variants x {len(grid.seeds)} seeds, "
-              f"{seconds / 3600:.1f} CPU-hours (one run at a time)")
-    print(f"{study} total: {total_h:.1f} CPU-hours; overhead {fixed:.0f} s per run; measured "
+              f"{seconds / 3600:.1f} h")
+    print(f"{study} total: {total_h:.1f} h (one run at a time, no repeats); overhead "
+          f"{fixed:.0f} s per run; measured "
           f"s/epoch: " + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in per_epoch.items()))
 
 

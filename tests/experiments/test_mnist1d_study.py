@@ -124,3 +124,21 @@ def test_time_stage_budgets_from_the_reference_and_repeats_loaded_blocks(tmp_pat
     assert "try_0" in chosen[("fallback_sq", "1")] and "try_1" in chosen[("adafisher", "0")]
     load = (out / "gru" / "time" / "load.md").read_text()
     assert load.count("| yes |") == 6 and "| 1 | 1 | `adam` | 4.00 |" in load
+
+
+def test_estimate_adds_up_the_grid_from_measured_epoch_times(tmp_path, capsys):
+    pilot = tmp_path / "pilot"
+    for variant, per_epoch in (("adam", 1.0), ("adafisher", 2.0)):
+        run = pilot / variant / "seed_0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps(dict(epoch=10, train_time_s=10 * per_epoch)))
+        (run / "load.json").write_text(json.dumps(dict(process_s=10 * per_epoch + 10)))
+    mnist1d_study.main(["estimate", "--study", "gru", "--from", str(pilot)])
+    lines = capsys.readouterr().out.splitlines()
+    # 8000 steps = 200 epochs; 10 s start-up; fallback_sq (not in the pilot) at the slowest rate
+    sweep = 4 * (10 + 200 * 1.0) + 5 * (10 + 200 * 2.0) + 5 * (10 + 200 * 2.0)  # 1 seed
+    steps = 5 * ((10 + 200 * 1.0) + 2 * (10 + 200 * 2.0))
+    budget = 3 * 5 * (10 + 200 * 1.0)  # every timed run lasts the reference's (adam) time
+    assert lines[0].endswith(f"{sweep / 3600:.1f} h") and lines[1].endswith(f"{steps / 3600:.1f} h")
+    assert lines[2].endswith(f"{budget / 3600:.1f} h")
+    assert lines[3].startswith(f"gru total: {(sweep + steps + budget) / 3600:.1f} h")
