@@ -13,29 +13,56 @@ from torch import Tensor, nn
 
 from curvlab import lifecycle, registry
 from curvlab.capture import statistics_dtype
+from curvlab.coverage import Coverage, FallbackCoverage, LayerCoverage
 from curvlab.factor_store import DiagonalFactorStore
 from curvlab.interfaces import (
     Backend,
     DampingPolicy,
     FactorEstimator,
+    FallbackPolicy,
     LayerAdapter,
     Normalizer,
     Reducer,
     UpdateRule,
 )
 from curvlab.interfaces.estimator import STRUCTURES
-from curvlab.layers import FallbackParameter, pair_parameters
+from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
+from curvlab.regions import shared_parameters
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
-#: adapters of the paper variant, tried in this order
-PAPER_ADAPTERS = ("linear", "conv2d", "batchnorm", "layernorm", "groupnorm", "embedding")
+#: adapters of the paper variant, tried in this order ("conv2d" before "conv": a Conv2d layer
+#: keeps the adapter class name that checkpoints record in their layers_description)
+PAPER_ADAPTERS = (
+    "linear",
+    "conv2d",
+    "conv",
+    "conv_transpose",
+    "batchnorm",
+    "layernorm",
+    "groupnorm",
+    "embedding",
+    "multihead_attention",
+)
+#: RMS-type norms (nn.RMSNorm; transformers' classes through register_layer) and transformers'
+#: Conv1D (looked up lazily: transformers is never imported by curvlab)
+PAPER_ADAPTERS += ("rmsnorm", "hf_conv1d")
 EMA_SEMANTICS = ("paper", "official")
 
 
 class CurvatureFallbackWarning(UserWarning):
-    """Some trainable parameters get identity curvature (listed in the message)."""
+    """Some trainable parameters have no layer curvature (listed in the message, with what they
+    get instead and how to fix it)."""
+
+
+#: appended to the fallback warning
+FALLBACK_FIXES = (
+    "Fixes: map a layer class onto an adapter that reads it with "
+    "curvlab.register_layer(LayerClass, 'adapter_name', **options) (docs/layers.md), or choose "
+    "another rule with fallback='squared_gradient' (their own diagonal Fisher) or "
+    "fallback='error'; opt.coverage() lists every layer and parameter."
+)
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -63,7 +90,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
         ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
         ema_bias_correction: divide the EMA by ``1 − γ^t`` (Adam's second-moment correction).
-        damp_fallback: parameters without curvature use ``F = 1 + λ`` (True) or ``F = 1``.
+        fallback: what parameters without layer curvature get (a :class:`FallbackPolicy` or
+            its name): ``"identity"`` (``F`` constant), ``"squared_gradient"`` (their own
+            normalised EMA of g², damped like the layers), ``"error"`` (refuse them).
+        damp_fallback: the constant ``F`` of parameters without curvature of their own:
+            ``1 + λ`` (True, the paper) or ``1`` (the official code).
         allow_no_supported_layer: otherwise a model without any supported layer is an error.
     """
 
@@ -85,6 +116,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         update_rule: str | UpdateRule = "adafisher",
         reducer: str | Reducer = "none",
         backend: str | Backend = "native",
+        fallback: str | FallbackPolicy = "identity",
         ema: str = "paper",
         ema_bias_correction: bool = False,
         damp_fallback: bool = True,
@@ -118,6 +150,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.update_rule: UpdateRule = registry.create("updates", update_rule)
         self.reducer: Reducer = registry.create("reducers", reducer)
         self.backend: Backend = registry.create("backends", backend)
+        self.fallback: FallbackPolicy = registry.create("fallbacks", fallback)
         check_choice("estimator structure", self.estimator.structure, STRUCTURES)
         if self.ema_bias_correction and self.estimator.structure != "elementwise":
             raise ValueError(
@@ -189,20 +222,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._terms_cache = (None, None)  # products are per layer record
         if self.estimator.structure == "elementwise":  # every parameter has its own curvature
             self.layers, self._fallback, self._shared = [], [], set()
+            self._fallback_tensors: list[Tensor] = []
             self._layer_by_name = {}
             return
         captured = {r.name for r in getattr(self, "layers", []) if r.captured}
         lifecycle.release(self, [r.module for r in getattr(self, "layers", [])])
-        self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
+        trainable = self._trainable()
+        self.layers, self._fallback = pair_parameters(self.model, self.adapters, trainable)
+        claimed = {id(p) for r in self.layers for p in r.params.values()}
+        # the same order as self._fallback (pair_parameters walks ``trainable``)
+        self._fallback_tensors = [p for p in trainable if id(p) not in claimed]
         self._layer_by_name = {r.name: r for r in self.layers}
         for record in self.layers:  # re-pairing (add_param_group) keeps what was captured
             record.captured = record.name in captured
-        uses: dict[int, int] = {}
         for record in self.layers:
             record.structure = self.estimator.layer_structure(record.adapter)
-            for p in record.params.values():
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        self._shared = {key for key, n in uses.items() if n > 1}
+        self._shared = shared_parameters(self.layers)
         if not self.layers and not self._allow_no_supported_layer:
             supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(
@@ -211,6 +246,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"support (supported module types: {supported}); pass "
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
+        self.fallback.check(self._fallback)
         taken = lifecycle.claim(self, [(r.name, r.module) for r in self.layers])
         if taken:
             warnings.warn(
@@ -222,11 +258,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._fallback and self._warn_on_fallback:
             listing = "\n  ".join(map(str, self._fallback))
             warnings.warn(
-                f"{len(self._fallback)} trainable parameter(s) get identity curvature "
-                f"(F = {'1 + λ' if self.damp_fallback else '1'}):\n  {listing}",
+                f"{len(self._fallback)} trainable parameter(s) have no layer curvature and get "
+                f"{self._fallback_description()}:\n  {listing}\n{FALLBACK_FIXES}",
                 CurvatureFallbackWarning,
                 stacklevel=3,
             )
+
+    def _fallback_description(self) -> str:
+        name = getattr(type(self.fallback), "plugin_name", type(self.fallback).__name__)
+        constant = "1 + λ" if self.damp_fallback else "1"
+        return f"the {name!r} fallback rule: {self.fallback.describe(constant)}"
 
     def _is_capturing(self) -> bool:
         return self._capture_active and not self._capture_paused
@@ -287,22 +328,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- introspection ----------------------------------------------------------------------------
     def fallback_parameters(self) -> list[FallbackParameter]:
-        """Trainable parameters that get identity curvature, each with the reason."""
-        out = list(self._fallback)
+        """Trainable parameters without layer curvature (the fallback rule applies), each with
+        the reason."""
+        return [entry for entry, _ in self._uncovered()]
+
+    def _uncovered(self) -> list[tuple[FallbackParameter, Tensor]]:
+        """Parameters without an adapter, then (once any layer was captured) the parameters of
+        paired layers that never were."""
+        out = list(zip(self._fallback, self._fallback_tensors))
         if self._seen_capture:
             for record in self.layers:
                 if not record.captured:
                     for role, p in record.params.items():
-                        out.append(
-                            FallbackParameter(
-                                f"{record.name}.{role}",
-                                tuple(p.shape),
-                                "its layer never ran a captured forward/backward (e.g. its weight "
-                                "is used functionally, as nn.MultiheadAttention does with "
-                                "out_proj)",
-                            )
+                        entry = FallbackParameter(
+                            f"{record.name}.{role}",
+                            tuple(p.shape),
+                            "its layer never ran a captured forward/backward (e.g. its weight "
+                            "is used functionally, as nn.MultiheadAttention does with "
+                            "out_proj)",
                         )
+                        out.append((entry, p))
         return out
+
+    def coverage(self) -> Coverage:
+        """Per layer and per fallback parameter: the adapter or fallback rule and the number of
+        elements, and the share of trainable elements with layer curvature (docs/layers.md).
+
+        Before the first curvature step every paired layer counts as covered; afterwards a
+        layer that was never captured counts as fallback (see :meth:`fallback_parameters`).
+        """
+        trainable = self._trainable()
+        total = sum(p.numel() for p in trainable)
+        if self.estimator.structure == "elementwise":
+            name = getattr(type(self.estimator), "plugin_name", type(self.estimator).__name__)
+            return Coverage((), (), total, total, "", elementwise=name)
+        trainable_ids = {id(p) for p in trainable}
+        rule = getattr(type(self.fallback), "plugin_name", type(self.fallback).__name__)
+        uncovered = self._uncovered()
+        uncovered_ids = {id(p) for _, p in uncovered}
+        layers = tuple(
+            LayerCoverage(
+                record.name,
+                type(record.module).__name__,
+                adapter_name(record.adapter),
+                sum(p.numel() for p in record.params.values() if id(p) in trainable_ids),
+            )
+            for record in self.layers
+            if not (self._seen_capture and not record.captured)
+        )
+        fallback = tuple(
+            FallbackCoverage(entry.name, entry.shape, p.numel(), rule, entry.reason)
+            for entry, p in uncovered
+            if id(p) in trainable_ids
+        )
+        covered = sum(p.numel() for p in trainable if id(p) not in uncovered_ids)
+        return Coverage(layers, fallback, covered, total, rule)
 
     def preconditioner(self, param: Tensor) -> Tensor:
         """The current diagonal preconditioner ``F`` of ``param`` (damping included)."""
@@ -381,6 +461,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     out[id(p)] = F
         return out
 
+    def _fallback_curvature(self) -> dict[int, Tensor]:
+        """The fallback policy's curvature of each parameter without layer curvature."""
+        out = {}
+        for _, p in self._uncovered():
+            F = self.fallback.curvature(p, self.state.get(p, {}), self.normalizer)
+            if F is not None:
+                out[id(p)] = F
+        return out
+
+    def _update_fallback(self, ok: Tensor) -> None:
+        """Fold this curvature step into the fallback policy's per-parameter state."""
+        params, grads, states = [], [], []
+        for _, p in self._uncovered():
+            if p.grad is not None and p in self.state:
+                params.append(p)
+                grads.append(p.grad)
+                states.append(self.state[p])
+        if params:
+            self.fallback.update(params, grads, states, ok, self.gamma)
+
     def _make_preconditioner(self) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
         # the diagonal layers' products view the packed factors, which are refreshed in place:
@@ -398,6 +498,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._workspace,
             cached=cached,
             stable_storages=self._diagonal.storages(),
+            fallback_curvature=self._fallback_curvature(),
         )
         self._terms_cache = (key, precond.cached_terms)
         return precond
@@ -514,14 +615,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 state["curvature_steps"].add_(okf)
 
     def _warn_uncaptured_once(self) -> None:
-        if self._warned_uncaptured or not self._warn_on_fallback:
+        if self._warned_uncaptured:
             return
         self._warned_uncaptured = True
         missing = [r.name for r in self.layers if not r.captured]
         if missing:
+            self.fallback.check(self.fallback_parameters()[len(self._fallback) :])
+        if missing and self._warn_on_fallback:
             warnings.warn(
                 f"layers with supported types but no statistics in the first curvature step that "
-                f"captured any layer get identity curvature until they are captured: "
+                f"captured any layer get {self._fallback_description()} until they are "
+                f"captured: "
                 f"{', '.join(missing)} "
                 f"(see fallback_parameters())",
                 CurvatureFallbackWarning,
@@ -575,6 +679,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._warn_uncaptured_once()
         if stats:
             self._update_factors(stats, ok)
+        if self._capture_active:
+            self._update_fallback(ok)
         if self.estimator.structure == "elementwise" and self._capture_active:
             self._update_elementwise(work, ok)
         self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
@@ -651,10 +757,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             p = params[index]
             for key, value in state.items():
-                if (
-                    key not in ("step", "curvature_steps")
-                    and isinstance(value, Tensor)
-                    and value.shape != p.shape
+                if (  # 0-dim entries are counters and flags (step, curvature_steps, ...)
+                    isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape
                 ):
                     raise ValueError(
                         f"load_state_dict: state {key!r} of parameter {index} has shape "
@@ -691,6 +795,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 update_rule=self.update_rule,
                 reducer=self.reducer,
                 backend=self.backend,
+                fallback=self.fallback,
                 ema=self.ema,
                 gamma=self.gamma,
                 curvature_interval=self.curvature_interval,

@@ -26,7 +26,16 @@ import gin
 T = TypeVar("T")
 
 #: The plugin kinds and the interface each one implements (filled in by ``curvlab.interfaces``).
-KINDS = ("adapters", "estimators", "normalizers", "damping", "updates", "reducers", "backends")
+KINDS = (
+    "adapters",
+    "estimators",
+    "normalizers",
+    "damping",
+    "updates",
+    "reducers",
+    "backends",
+    "fallbacks",
+)
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 #: gin-configurable twins (subclasses made by gin; the registered classes stay untouched)

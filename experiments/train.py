@@ -164,6 +164,7 @@ def _train(
         split = data()
         net = model().to(device)
         opt = optimizer(net)
+        coverage = _coverage(opt, quiet or not ctx.is_main)
         trained = net
         if ctx.world > 1:
             if batch_size % ctx.world:
@@ -262,10 +263,22 @@ def _train(
             summary["world_size"] = ctx.world
         if out:
             (out / "operative_config.gin").write_text(gin.operative_config_str())
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            (out / "summary.json").write_text(json.dumps({**summary, **coverage}, indent=2))
         return summary
     finally:
         ctx.close()
+
+
+def _coverage(opt: torch.optim.Optimizer, quiet: bool) -> dict[str, Any]:
+    """A curvlab optimizer's curvature coverage: printed as one line (unless quiet) and
+    returned as ``{"coverage": ...}`` for summary.json (``{}`` for other optimizers)."""
+    report = getattr(opt, "coverage", None)
+    if not callable(report):
+        return {}
+    coverage = report()
+    if not quiet:
+        print(coverage, flush=True)
+    return {"coverage": coverage.as_dict()}
 
 
 def _use_distributed_reducer(opt: torch.optim.Optimizer) -> None:

@@ -51,6 +51,8 @@ def test_run_writes_metrics_summary_and_operative_config(tmp_path, capsys):
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_loss"] > 0 and m["time_s"] > 0
     assert metrics[1]["time_s"] >= metrics[0]["time_s"]
+    coverage = summary.pop("coverage")  # curvlab optimizers add their curvature coverage
+    assert coverage["share"] == 1.0 and coverage["fallback"] == []
     assert summary == metrics[-1]
     assert summary["test_accuracy"] > 0.5  # it learns something in two epochs
 

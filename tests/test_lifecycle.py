@@ -151,3 +151,24 @@ def test_close_removes_reference_backend_hooks(backend: str) -> None:
     train_step(model, opt)
     opt.close()
     assert hook_count(model) == before
+
+
+def test_close_and_collection_remove_functional_layer_overrides() -> None:
+    """nn.MultiheadAttention is captured through a forward installed on the module: close()
+    and garbage collection remove it like the hooks."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double()
+    assert hook_count(model) == 0
+    opt = curvlab.AdaFisherW(model)
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    opt.close()
+    assert hook_count(model) == 0
+    opt = curvlab.AdaFisherW(model)
+    assert hook_count(model) > 0
+    del opt
+    gc.collect()
+    assert hook_count(model) == 0

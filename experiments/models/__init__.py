@@ -14,6 +14,7 @@ from curvlab.experiments.models.mnist1d import (
 from curvlab.experiments.models.mobilenet import MobileNetV3, mobilenet_v3_small
 from curvlab.experiments.models.resnet import ResNet, resnet18, resnet50
 from curvlab.experiments.models.small import MLP, DigitsCNN, digits_cnn, mlp
+from curvlab.experiments.models.transformer_gpt import TransformerGPT, transformer_gpt
 
 __all__ = [
     "GPT",
@@ -25,6 +26,7 @@ __all__ = [
     "Mnist1dMLP",
     "MobileNetV3",
     "ResNet",
+    "TransformerGPT",
     "digits_cnn",
     "gpt",
     "mlp",
@@ -35,4 +37,5 @@ __all__ = [
     "mobilenet_v3_small",
     "resnet18",
     "resnet50",
+    "transformer_gpt",
 ]
