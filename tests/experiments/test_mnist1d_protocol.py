@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.config import CONFIG_ROOT, parse_config
-from curvlab.experiments import ablate
+from curvlab.config import CONFIG_ROOT, make_optimizer, parse_config
+from curvlab.experiments import ablate, models
 from curvlab.experiments.data import Split
 from curvlab.experiments.mnist1d_study import STUDIES, read_lr_file
 from curvlab.experiments.train import train
@@ -74,7 +74,7 @@ def test_the_configs_cover_the_issue():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-# parameters without an adapter (Conv1d until its adapter lands, the GRU's weights) fall back
+# parameters without an adapter (the GRU's weights) fall back to identity, with a warning
 @pytest.mark.filterwarnings("ignore::curvlab.optimizer.CurvatureFallbackWarning")
 def test_each_config_trains_one_epoch(config, mnist1d_cache):
     parse_config(config, ["train.epochs = 1", f"data.mnist1d.cache_dir = '{mnist1d_cache}'"])
@@ -82,6 +82,33 @@ def test_each_config_trains_one_epoch(config, mnist1d_cache):
     assert summary["epoch"] == 1 and math.isfinite(summary["train_loss"])
     if config in ("mnist1d_cnn_adam.gin", "mnist1d_mlp_adam.gin"):
         assert summary["test_accuracy"] > 0.2  # 40 steps at lr 1e-2: well above chance (0.1)
+
+
+@pytest.mark.parametrize(
+    "config", ["mnist1d_cnn_adafisher.gin", "mnist1d_cnn_adafisherw.gin", "mnist1d_cnn_kfac.gin",
+               "mnist1d_cnn_banded.gin"],
+)
+def test_curvature_optimizers_cover_the_whole_cnn(config):
+    """Three Conv1d layers (the "conv" adapter) and the Linear head: every element."""
+    parse_config(config)
+    coverage = make_optimizer(models.mnist1d_cnn()).coverage()
+    assert coverage.share == 1.0 and coverage.total_elements == 5210 and not coverage.fallback
+    assert coverage.by_adapter() == {"conv": 3, "linear": 1}
+
+
+@pytest.mark.filterwarnings("ignore::curvlab.optimizer.CurvatureFallbackWarning")
+def test_coverage_of_the_gru_the_batchnorm_cnn_and_the_official_variant():
+    parse_config("mnist1d_gru_adafisher.gin")
+    gru = make_optimizer(models.mnist1d_gru()).coverage()
+    assert gru.covered_elements == 4810 and gru.total_elements == 5134  # the Linear head only
+    assert len(gru.fallback) == 8 and all(f.name.startswith("gru.") for f in gru.fallback)
+    parse_config("mnist1d_cnn_adafisher.gin")
+    bn = make_optimizer(models.mnist1d_cnn(batch_norm=True)).coverage()
+    assert bn.share == 1.0 and bn.by_adapter() == {"conv": 3, "batchnorm": 3, "linear": 1}
+    # the published code's layer set has no Conv1d: its convolutions get F = 1 (SPEC §3)
+    parse_config("mnist1d_cnn_adafisher.gin", ["include 'adafisher_official.gin'"])
+    official = make_optimizer(models.mnist1d_cnn()).coverage()
+    assert official.covered_elements == 1260 and len(official.fallback) == 6
 
 
 # -- the study's grid files ----------------------------------------------------------------------
