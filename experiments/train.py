@@ -122,6 +122,7 @@ def train(
     seed: int = 0,
     device: str = "cpu",
     augment: bool | Callable[[torch.Tensor], torch.Tensor] = False,
+    shuffle: bool = True,
     time_budget_s: float | None = None,
     time_budget_from: str | None = None,
     time_budget_epochs: int | None = None,
@@ -141,6 +142,8 @@ def train(
     Writes ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``operative_config.gin``
     into ``out_dir`` when given; a directory that already holds a run is refused unless
     ``overwrite`` (``--overwrite``) or the run resumes it.
+    ``shuffle = False`` takes the batches in the dataset's order, the same every epoch (the
+    MNIST-1D reference protocol); by default each epoch is a new permutation.
 
     ``checkpoint_every = k`` saves model, optimizer (factors included) and RNG state to
     ``out_dir/checkpoint.pt`` every k epochs (atomically). ``resume = True`` continues from it
@@ -179,7 +182,7 @@ def train(
     try:
         return _train(model, data, optimizer, epochs, batch_size, seed, device, augment,
                       time_budget_s, out_dir, quiet, checkpoint_every, resume_from,
-                      distributed_timeout_s, overwrite)
+                      distributed_timeout_s, overwrite, shuffle)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -247,12 +250,13 @@ def _train(
     resume_from: Path | None,
     timeout_s: float,
     overwrite: bool,
+    shuffle: bool,
 ) -> dict[str, float]:
     ctx = DistributedContext.from_env(device, timeout_s)
     try:
         return _train_in_context(
             ctx, model, data, optimizer, epochs, batch_size, seed, device, augment,
-            time_budget_s, out_dir, quiet, checkpoint_every, resume_from, overwrite,
+            time_budget_s, out_dir, quiet, checkpoint_every, resume_from, overwrite, shuffle,
         )  # fmt: skip
     except RuntimeError as err:
         if ctx.world > 1 and is_timeout(err):
@@ -278,6 +282,7 @@ def _train_in_context(
     checkpoint_every: int | None,
     resume_from: Path | None,
     overwrite: bool,
+    shuffle: bool,
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -311,7 +316,7 @@ def _train_in_context(
     sampler = None
     if ctx.world > 1:
         sampler = DistributedSampler(
-            range(len(x_tr)), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed
+            range(len(x_tr)), num_replicas=ctx.world, rank=ctx.rank, shuffle=shuffle, seed=seed
         )
 
     start_epoch, train_time, steps, history = 0, 0.0, 0, []
@@ -341,7 +346,9 @@ def _train_in_context(
     for epoch in bar:
         tick = time.perf_counter()
         trained.train()
-        if sampler is None:
+        if sampler is None and not shuffle:
+            order = torch.arange(len(x_tr))
+        elif sampler is None:
             order = torch.randperm(len(x_tr), generator=generator)
         else:
             sampler.set_epoch(epoch)
