@@ -373,9 +373,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         entry = FallbackParameter(
                             f"{record.name}.{role}",
                             tuple(p.shape),
-                            "its layer never ran a captured forward/backward (e.g. its weight "
-                            "is used functionally, as nn.MultiheadAttention does with "
-                            "out_proj)",
+                            "its layer never ran a captured forward/backward (e.g. the "
+                            "model calls F.linear on its weight instead of the module)",
                         )
                         out.append((entry, p))
         return out
