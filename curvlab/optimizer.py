@@ -23,9 +23,9 @@ from curvlab.interfaces import (
     UpdateRule,
 )
 from curvlab.interfaces.estimator import STRUCTURES
+from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
 from curvlab.layers import FallbackParameter, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
-from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
 #: adapters of the paper variant, tried in this order
@@ -58,7 +58,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gamma: factor EMA decay γ ∈ [0, 1); 0 disables the EMA.
         damping: λ (> 0) or a :class:`DampingPolicy` / its registered name.
         curvature_interval: statistics are captured and folded in on steps ``t % k == 0``.
-        inverse_interval: eigendecompositions of banded/full factors are refreshed every k steps.
+        inverse_interval: what banded/full layers are solved with (eigenbases, inverses of the
+            damped factors; :attr:`kronecker_solver`) is refreshed from their factors every k
+            steps.
         adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
         ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
         ema_bias_correction: divide the EMA by ``1 − γ^t`` (Adam's second-moment correction).
@@ -118,6 +120,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.reducer: Reducer = registry.create("reducers", reducer)
         self.backend: Backend = registry.create("backends", backend)
         check_choice("estimator structure", self.estimator.structure, STRUCTURES)
+        #: how banded/full layers are solved (chosen by the estimator from the damping mode)
+        self.kronecker_solver: KroneckerSolver = self.estimator.kronecker_solver(
+            self.damping.mode
+        )
         if self.ema_bias_correction and self.estimator.structure != "elementwise":
             raise ValueError(
                 "ema_bias_correction divides an elementwise EMA by 1 − γ^t; the estimator "
@@ -151,6 +157,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._workspace = Workspace()  # reused curvature buffers (not state: never saved)
         self._terms_cache: tuple[object, object] = (None, None)
         self._warned_uncaptured = False
+        #: banded/full layers: curvature updates folded in, and the count (and λ) at their
+        #: last refresh (a refresh of unchanged factors is skipped; not state: never saved)
+        self._factor_versions: dict[str, int] = {}
+        self._refreshed_versions: dict[str, tuple[int, float | None]] = {}
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
@@ -289,42 +299,53 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fallback_value(self, damping: float) -> float:
         return 1.0 + damping if self.damp_fallback else 1.0
 
-    def _layer_factors(self) -> dict[str, LayerFactors]:
-        """Normalised factors per layer: entries (diagonal) or eigenpairs (banded/full)."""
+    def _layer_factors(self, damping: float) -> dict[str, LayerFactors | KroneckerOperator]:
+        """Normalised factors per layer: entries (diagonal), or the solver's operator
+        (banded/full)."""
         paper = self.ema == "paper"
         # paper: normalised, and identity (H' = S' = 1) until the first accepted update
         diagonal = self._diagonal.factors(self.normalizer if paper else None, guard=paper)
-        out = {}
-        for record in self.layers:
-            if record.name in diagonal:
-                H, S = diagonal[record.name]
-                out[record.name] = LayerFactors("diagonal", H, S)
-                continue
-            state = self.curvature_state.get(record.name)
-            if state is None or record.structure == "diagonal":
-                continue
-            valid = state.get("eigen_valid", state["updated"])
-            LH = torch.where(valid, self.normalizer(state["LH"], "spectrum"), 1.0)
-            LS = torch.where(valid, self.normalizer(state["LS"], "spectrum"), 1.0)
-            out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
+        out: dict[str, LayerFactors | KroneckerOperator] = {}
+        for name, (H, S) in diagonal.items():
+            out[name] = LayerFactors("diagonal", H, S)
+        items = self._kronecker_items()
+        if items:
+            operators = self.kronecker_solver.operators(
+                items, self.normalizer, damping, self.damping.mode
+            )
+            out.update({item.name: op for item, op in zip(items, operators)})
         return out
 
-    def _refresh_eigenbases(self, only_missing: bool = False) -> None:
-        """Eigendecompositions of the banded/full EMA factors (every ``inverse_interval``, and
-        for a layer whose first factors arrived in between)."""
+    def _kronecker_items(self) -> list[RefreshItem]:
+        """Banded/full layers that have factors, in layer order."""
+        items = []
         for record in self.layers:
             state = self.curvature_state.get(record.name)
-            if record.structure == "diagonal" or state is None:
-                continue
-            if only_missing and "LH" in state:
-                continue
-            for key in ("H", "S"):
-                dense = dense_factor(record.structure, state[key])
-                values, vectors = torch.linalg.eigh(dense)
-                state["L" + key], state["Q" + key] = values, vectors
-            # an eigenbasis of never-updated (zero) factors must not precondition: identity
-            # until the next refresh after an accepted update
-            state["eigen_valid"] = state["updated"].clone()
+            if record.structure != "diagonal" and state is not None:
+                items.append(RefreshItem(record.name, record.structure, state))
+        return items
+
+    def _refresh_solver(self) -> None:
+        """Refresh what banded/full layers are solved with (:attr:`kronecker_solver`): every
+        ``inverse_interval`` steps, for a layer whose first factors arrived in between, and
+        never for a layer whose factors (and, for a solver that bakes it in, λ) are the same
+        as at its last refresh (the result would be the same)."""
+        solver = self.kronecker_solver
+        due = self._step % self.inverse_interval == 0
+        damping = self.damping.value(self._step)
+        stale = []
+        for item in self._kronecker_items():
+            version = (
+                self._factor_versions.get(item.name, 0),
+                damping if solver.uses_damping else None,
+            )
+            if solver.is_stale(item.state) or (
+                due and self._refreshed_versions.get(item.name) != version
+            ):
+                stale.append(item)
+                self._refreshed_versions[item.name] = version
+        if stale:
+            solver.refresh(stale, self.normalizer, damping, self.damping.mode)
 
     def _elementwise_curvature(self) -> dict[int, Tensor]:
         out = {}
@@ -347,7 +368,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         cached = self._terms_cache[1] if self._terms_cache[0] == key else None
         precond = CurvaturePreconditioner(
             self.layers,
-            self._layer_factors(),
+            self._layer_factors(damping),
             self._elementwise_curvature(),
             damping,
             self.damping.mode,
@@ -456,6 +477,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             state["H"] = torch.where(ok, g * state["H"] + (1.0 - g) * H_hat, state["H"])
             state["S"] = torch.where(ok, g * state["S"] + (1.0 - g) * S_hat, state["S"])
             state["updated"] = state["updated"] | ok
+            self._factor_versions[name] = self._factor_versions.get(name, 0) + 1
 
     def _update_elementwise(self, work: list, ok: Tensor) -> None:
         """EMA of an elementwise estimator's statistic, per parameter (Adam's v)."""
@@ -529,7 +551,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._update_factors(stats, ok)
         if self.estimator.structure == "elementwise" and self._capture_active:
             self._update_elementwise(work, ok)
-        self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
+        self._refresh_solver()
 
         self.update_rule.update(work, self._make_preconditioner(), ok)
 
@@ -623,6 +645,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 for k, v in state.items()
             }
             record.captured = True
+        self._refreshed_versions.clear()  # loaded solver state: refreshed at the next due step
         self._diagonal.adopt(
             [n for n in self.curvature_state if self._layer_by_name[n].structure == "diagonal"]
         )

@@ -6,8 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.kronecker import SOLVERS, KroneckerSolver, make_solver
 from curvlab.plugins.estimators.diagonal import DiagonalEstimator
 from curvlab.registry import register
+from curvlab.validation import check_choice, check_positive_int
 
 
 def grouped_output_rows(
@@ -28,10 +30,22 @@ class KroneckerRowsEstimator(DiagonalEstimator):
     ``batch_averaged``; curvlinops' convention for a mean-reduced loss). ``False`` keeps the
     gradient as backpropagated. Layers whose adapter has no rows (normalisation layers,
     embeddings) get diagonal factors with the same scaling.
+
+    ``solver`` says how the layers are preconditioned (:mod:`curvlab.kronecker`): ``"auto"``
+    (the exact solve: inverses of the damped factors with factored damping, two products per
+    layer and step; the factors' eigenbases otherwise), ``"eigen"``, ``"inverse"`` (factored
+    damping only), or ``"block"`` (eigenbases of the factors' diagonal blocks of size
+    ``block_size``: approximate, see :mod:`curvlab.kronecker_block`).
     """
 
-    def __init__(self, per_sample: bool = True) -> None:
+    def __init__(self, per_sample: bool = True, solver: str = "auto", block_size: int = 64) -> None:
         super().__init__(per_sample=per_sample)
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.block_size = check_positive_int("block_size", block_size)
+
+    def kronecker_solver(self, damping_mode: str) -> KroneckerSolver:
+        options = {"block_size": self.block_size} if self.solver == "block" else {}
+        return make_solver(self.solver, damping_mode, **options)
 
     def layer_structure(self, adapter: LayerAdapter) -> str:
         return self.structure if adapter.supports_rows else "diagonal"
@@ -78,3 +92,9 @@ class FullEstimator(KroneckerRowsEstimator):
 
     def second_moment(self, rows: Tensor) -> Tensor:
         return rows.transpose(1, 2) @ rows
+
+    def __repr__(self) -> str:
+        block = f", block_size={self.block_size}" if self.solver == "block" else ""
+        return (
+            f"FullEstimator(per_sample={self.per_sample}, solver={self.solver!r}{block})"
+        )
