@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from curvlab.interfaces import update as update_interface
 from curvlab.interfaces.normalizer import Normalizer
 from curvlab.kronecker import (
     KroneckerOperator,
@@ -106,8 +107,9 @@ class InverseSolver(KroneckerSolver):
 
     The normalised factor comes from the normaliser's matrix form when it has one (identity,
     trace: no eigendecomposition at all), else from its normalised spectrum. Full factors
-    (PSD by construction) are inverted through a Cholesky factorisation, banded ones (a band
-    of a PSD matrix need not be PSD) through an LU factorisation.
+    (PSD by construction) are inverted through a Cholesky factorisation, banded ones (a band of
+    a PSD matrix need not be PSD) through an LU factorisation; neither synchronises with the
+    host on a device (:meth:`_invert`).
 
     Args:
         dtype: the factorisation's dtype (default float64, see the module docstring); the
@@ -137,8 +139,9 @@ class InverseSolver(KroneckerSolver):
                 # never-updated (zero) factors precondition as identity factors (π = 1)
                 valid = item.state["updated"]
                 for k in "HS":
-                    eye = torch.eye(dense[k][i].shape[-1], dtype=dense[k][i].dtype)
-                    dense[k][i] = torch.where(valid, dense[k][i], eye.to(dense[k][i].device))
+                    M = dense[k][i]
+                    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+                    dense[k][i] = torch.where(valid, M, eye)
                 H_diag = dense["H"][i].diagonal(dim1=-2, dim2=-1)
                 S_diag = dense["S"][i].diagonal(dim1=-2, dim2=-1)
                 pi = split_pi(H_diag, S_diag)
@@ -159,10 +162,24 @@ class InverseSolver(KroneckerSolver):
 
     @staticmethod
     def _invert(M: Tensor, structure: str) -> Tensor:
+        """``M⁻¹``: a full factor (PSD, + δ > 0) through its Cholesky factor, a band (need not
+        be PSD) through LU. ``cholesky_inverse`` and ``inv`` check their result on the host,
+        which is free on CPU; elsewhere the inverse comes from triangular solves, which read
+        nothing (about 3× the work of ``cholesky_inverse``, once per refresh)."""
+        host = update_interface.READ_CPU_FLAGS and M.device.type == "cpu"
         if structure == "full":
             L, _ = torch.linalg.cholesky_ex(M)
-            return torch.cholesky_inverse(L)
-        return torch.linalg.inv(M)
+            if host:
+                return torch.cholesky_inverse(L)
+            eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            return L_inv.transpose(-1, -2) @ L_inv
+        if host:
+            return torch.linalg.inv(M)
+        LU, pivots, _ = torch.linalg.lu_factor_ex(M)
+        P, L, U = torch.lu_unpack(LU, pivots)  # M = P L U  →  M⁻¹ = U⁻¹ L⁻¹ Pᵀ
+        Y = torch.linalg.solve_triangular(L, P.transpose(-1, -2), upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(U, Y, upper=True)
 
     def operators(
         self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str

@@ -1,7 +1,9 @@
 """``curvlab bench`` additions: ASDL's K-FAC as a baseline, and the K-FAC / banded rows.
 
 **ASDL's K-FAC** (``asdl_kfac``, when ``asdl`` (PyPI ``asdfghjkl``) is importable) is the K-FAC
-baseline of the AdaFisher paper (SPEC §6): ``torch.optim.SGD`` with momentum 0.9 on gradients
+baseline of the AdaFisher paper (SPEC §6): ``torch.optim.SGD`` (lr 1e-3: without curvlab's KL
+clip, ASDL's steps at λ = 1e-3 diverge at 1e-2 on the fixed benchmark batch, and its Cholesky
+then fails on NaN factors; the cost of a step does not depend on lr) with momentum 0.9 on gradients
 preconditioned by ``asdl.KfacGradientMaker`` (empirical Fisher, ``fisher_emp``), curvature
 every 10 steps, inverses every 100 (``PreconditioningConfig(curvature_upd_interval=10,
 preconditioner_upd_interval=100)``), factor EMA ``ema_decay = 1 − γ = 0.05`` (curvlab's K-FAC
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,7 +80,7 @@ class AsdlKfac:
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-2,
+        lr: float = 1e-3,
         momentum: float = 0.9,
         damping: float = KFAC_DAMPING,
         curvature_interval: int = CURVATURE_INTERVAL,
@@ -107,7 +110,9 @@ class AsdlKfac:
         self.sgd.zero_grad(set_to_none=True)
         # ASDL divides its sum-reduced curvature pass by this (a mean-reduced loss)
         self.grad_maker.config.data_size = len(x)
-        with _no_nvtx():
+        with _no_nvtx(), warnings.catch_warnings():
+            # ASDL's module backward hooks: torch warns on every curvature step
+            warnings.filterwarnings("ignore", "Using a non-full backward hook", FutureWarning)
             logits = self.grad_maker.setup_model_call(model, x)
             # ASDL switches the reduction to "sum" on curvature steps (and divides back)
             self.grad_maker.setup_loss_call(F.cross_entropy, logits, y)
@@ -171,7 +176,7 @@ def register(
     if asdl_available():
         optimizers["asdl_kfac"] = spec(
             f"ASDL KfacGradientMaker (fisher_emp, damping {KFAC_DAMPING:g} π-split, EMA 0.05) "
-            f"+ SGD(lr=0.01, momentum=0.9), {interval}",
+            f"+ SGD(lr=1e-3, momentum=0.9), {interval}",
             AsdlKfac,
             models=ASDL_MODELS,
         )

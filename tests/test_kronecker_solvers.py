@@ -414,3 +414,72 @@ def test_float64_refresh_keeps_rank_deficient_fp32_factors_accurate():
     assert info64 == 0 and error(inv64) < 1e-6
     assert info32 != 0 or error(inv32) > 100 * error(inv64)
     assert InverseSolver().dtype == torch.float64
+
+
+# -- the step's fast paths ---------------------------------------------------------------------
+FAST_PATH_CONFIGS = {
+    "kfac": ("kfac.gin", "optimizer.inverse_interval = 2"),
+    "kfac_eigen": (
+        "kfac.gin",
+        "optimizer.inverse_interval = 2",
+        "estimators.full.solver = 'eigen'",
+    ),
+    "banded": ("banded_adafisher.gin", "estimators.banded.block_size = 4"),
+}
+
+
+def _from_config(name):
+    config, *bindings = FAST_PATH_CONFIGS[name]
+    return lambda m: curvlab.build_optimizer(m, CONFIG_ROOT / config, bindings=bindings)
+
+
+@pytest.mark.parametrize(
+    "name, bindings",
+    [
+        ("kfac", ()),
+        ("kfac", ("estimators.full.solver = 'inverse'", "estimators.full.per_sample = False")),
+        (
+            "banded",
+            (
+                "estimators.banded.solver = 'inverse'",
+                "optimizer.damping = @damping.factored()",
+                "optimizer.normalizer = 'identity'",
+            ),
+        ),
+    ],
+    ids=["kfac", "kfac_no_per_sample", "banded_inverse"],
+)
+def test_no_host_read_in_the_step(name, bindings, monkeypatch):
+    """The device path of the step, refreshes of K-FAC's inverses included (Cholesky, or LU
+    for a band, and triangular solves), reads no tensor value on the host. Refreshes that
+    eigendecompose (solvers eigen and block) do: ``torch.linalg.eigh`` checks convergence on
+    the host (docs/math.md)."""
+    from tests.test_fast_paths import Block, _data, assert_no_syncing_ops, forbid_host_reads
+
+    torch.manual_seed(0)
+    model = Block()
+    config, *common = FAST_PATH_CONFIGS[name]
+    opt = curvlab.build_optimizer(model, CONFIG_ROOT / config, bindings=[*common, *bindings])
+    x, y = _data("block")
+    for _ in range(3):  # refreshes at steps 0 and 2
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with forbid_host_reads(monkeypatch) as prof:
+            opt.step()
+        assert_no_syncing_ops(prof)
+    assert opt.metrics()["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("name", list(FAST_PATH_CONFIGS))
+def test_cpu_flag_path_equals_device_path(name, monkeypatch):
+    """K-FAC's update reads the finite flag and ν on CPU (and takes Σ d·g as fp32 dots); the
+    device path blends and stays in fp64: the same trajectory, a skipped step included."""
+    from tests.test_fast_paths import _train_with_nan
+
+    params_cpu, state_cpu = _train_with_nan(_from_config(name), True, monkeypatch)
+    params_dev, state_dev = _train_with_nan(_from_config(name), False, monkeypatch)
+    for key, value in params_cpu.items():
+        torch.testing.assert_close(params_dev[key], value, rtol=1e-12, atol=1e-14)
+    for i, s in state_cpu.items():
+        for key, value in s.items():
+            torch.testing.assert_close(state_dev[i][key], value, rtol=1e-12, atol=1e-14)
