@@ -23,6 +23,7 @@ from curvlab.kronecker import (
     batches,
     damped_diagonal,
     eigen_denominator,
+    pad_matrices,
 )
 
 EIGEN_KEYS = ("LH", "QH", "LS", "QS")
@@ -35,21 +36,19 @@ class EigenOperator(KroneckerOperator):
         self,
         LH: Tensor,
         LS: Tensor,
-        QH: Tensor,
-        QS: Tensor,
+        state: dict[str, Tensor],
         damping: float,
         mode: str,
-        pack: tuple[Packs, int, int] | None = None,
+        packs: Packs,
+        where: tuple[int, int],
     ) -> None:
-        self.LH, self.LS, self.QH, self.QS = LH, LS, QH, QS
+        self.LH, self.LS, self.QH, self.QS = LH, LS, state["QH"], state["QS"]
         self.damping, self.mode = damping, mode
-        self.dtype = QH.dtype
-        self.pack = pack
+        self.dtype = self.QH.dtype
+        self.packs, (self.pack_id, self.pos) = packs, where
 
     def solve(self, matrix: Tensor, power: float) -> Tensor:
-        rotated = self.QS.transpose(-1, -2) @ matrix @ self.QH
-        denom = eigen_denominator(self.LS, self.LH, self.damping, self.mode, power)
-        return self.QS @ (rotated / denom) @ self.QH.transpose(-1, -2)
+        return self.solve_batch([self], [matrix], power)[0]
 
     def factor_diagonals(self) -> tuple[Tensor, Tensor]:
         H = ((self.QH * self.QH) @ self.LH.unsqueeze(-1)).squeeze(-1)
@@ -61,24 +60,32 @@ class EigenOperator(KroneckerOperator):
         return damped_diagonal(S, H, self.damping, self.mode)
 
     def batch_key(self) -> object:
-        return None if self.pack is None else (id(self.pack[0]), self.pack[1])
+        return (id(self.packs), self.pack_id)
 
     @classmethod
     def solve_batch(
         cls, operators: list[KroneckerOperator], matrices: list[Tensor], power: float
     ) -> list[Tensor]:
+        """``Q_S [(Q_Sᵀ V Q_H) ⊘ D] Q_Hᵀ`` with the packed (zero-padded) eigenvectors; ``D``
+        is padded with ones (the padded block of the rotated matrix is zero)."""
         ops: list[EigenOperator] = operators  # type: ignore[assignment]
-        packs, pack_id, _ = ops[0].pack  # type: ignore[misc]
-        stacked, size = packs.stacked(pack_id)
-        if [op.pack[2] for op in ops] != list(range(size)):  # type: ignore[index]
-            return super().solve_batch(operators, matrices, power)  # not the whole pack
+        stacked, size = ops[0].packs.stacked(ops[0].pack_id)
+        positions = [op.pos for op in ops]
+        if len(ops) > 1 and positions != list(range(size)):  # not the whole pack
+            return [op.solve(m, power) for op, m in zip(ops, matrices)]
         QH, QS = stacked["QH"], stacked["QS"]
-        V = torch.stack(matrices)
-        denom = torch.stack(
-            [eigen_denominator(op.LS, op.LH, op.damping, op.mode, power) for op in ops]
-        )
+        if len(ops) == 1:
+            QH, QS = QH[positions[0]], QS[positions[0]]
+        rows, cols = QS.shape[-1], QH.shape[-1]
+        denoms = [eigen_denominator(op.LS, op.LH, op.damping, op.mode, power) for op in ops]
+        V = pad_matrices(matrices, rows, cols)
+        D = pad_matrices(denoms, rows, cols, value=1.0)
+        if len(ops) == 1:
+            V, D = V[0], D[0]
         rotated = QS.transpose(-1, -2) @ V @ QH
-        return list((QS @ (rotated / denom) @ QH.transpose(-1, -2)).unbind())
+        out, d = matrices[0].shape[-2:]
+        solved = (QS @ (rotated / D) @ QH.transpose(-1, -2))[..., :out, :d]
+        return [solved] if len(ops) == 1 else list(solved.unbind())
 
 
 class EigenSolver(KroneckerSolver):
@@ -116,6 +123,6 @@ class EigenSolver(KroneckerSolver):
             LH = torch.where(valid, normalizer(state["LH"], "spectrum"), 1.0)
             LS = torch.where(valid, normalizer(state["LS"], "spectrum"), 1.0)
             where = self.packs.find(item)
-            pack = None if where is None else (self.packs, *where)
-            out.append(EigenOperator(LH, LS, state["QH"], state["QS"], damping, mode, pack))
+            assert where is not None  # ensure() packed every item
+            out.append(EigenOperator(LH, LS, state, damping, mode, self.packs, where))
         return out

@@ -35,6 +35,7 @@ from curvlab.kronecker import (
     RefreshItem,
     batches,
     normalized_matrix,
+    pad_matrices,
     split_pi,
 )
 
@@ -55,18 +56,17 @@ class InverseOperator(KroneckerOperator):
     def __init__(
         self,
         state: dict[str, Tensor],
-        pack: tuple[Packs, int, int] | None,
+        packs: Packs,
+        where: tuple[int, int],
         powers: dict[tuple[int, float], tuple[Tensor, Tensor]],
     ) -> None:
         self.state = state
         self.H_inv, self.S_inv = state["H_inv"], state["S_inv"]
         self.dtype = self.H_inv.dtype
-        self.pack = pack
+        self.packs, (self.pack_id, self.pos) = packs, where
         self._powers = powers
 
     def _inverses(self, power: float) -> tuple[Tensor, Tensor]:
-        if power == 1.0:
-            return self.H_inv, self.S_inv
         key = (self.H_inv.data_ptr(), float(power))
         cached = self._powers.get(key)
         if cached is None or cached[0].shape != self.H_inv.shape:
@@ -75,8 +75,10 @@ class InverseOperator(KroneckerOperator):
         return cached
 
     def solve(self, matrix: Tensor, power: float) -> Tensor:
-        H_inv, S_inv = self._inverses(power)
-        return S_inv @ matrix @ H_inv
+        if power != 1.0:
+            H_inv, S_inv = self._inverses(power)
+            return S_inv @ matrix @ H_inv
+        return self.solve_batch([self], [matrix], power)[0]
 
     def factor_diagonals(self) -> tuple[Tensor, Tensor]:
         return self.state["H_diag"], self.state["S_diag"]
@@ -87,18 +89,26 @@ class InverseOperator(KroneckerOperator):
         return S.unsqueeze(-1) * H.unsqueeze(-2)
 
     def batch_key(self) -> object:
-        return None if self.pack is None else (id(self.pack[0]), self.pack[1])
+        return (id(self.packs), self.pack_id)
 
     @classmethod
     def solve_batch(
         cls, operators: list[KroneckerOperator], matrices: list[Tensor], power: float
     ) -> list[Tensor]:
         ops: list[InverseOperator] = operators  # type: ignore[assignment]
-        packs, pack_id, _ = ops[0].pack  # type: ignore[misc]
-        stacked, size = packs.stacked(pack_id)
-        if power != 1.0 or [op.pack[2] for op in ops] != list(range(size)):  # type: ignore[index]
-            return super().solve_batch(operators, matrices, power)
-        return list((stacked["S_inv"] @ torch.stack(matrices) @ stacked["H_inv"]).unbind())
+        stacked, size = ops[0].packs.stacked(ops[0].pack_id)
+        positions = [op.pos for op in ops]
+        if power != 1.0 or (len(ops) > 1 and positions != list(range(size))):
+            return [op.solve(m, power) for op, m in zip(ops, matrices)]  # not the whole pack
+        H, S = stacked["H_inv"], stacked["S_inv"]
+        if len(ops) == 1:
+            H, S = H[positions[0]], S[positions[0]]
+            V = pad_matrices(matrices, S.shape[-1], H.shape[-1])[0]
+        else:
+            V = pad_matrices(matrices, S.shape[-1], H.shape[-1])
+        out, d = matrices[0].shape[-2:]
+        solved = (S @ V @ H)[..., :out, :d]
+        return [solved] if len(ops) == 1 else list(solved.unbind())
 
 
 class InverseSolver(KroneckerSolver):
@@ -188,6 +198,6 @@ class InverseSolver(KroneckerSolver):
         out: list[KroneckerOperator] = []
         for item in items:
             where = self.packs.find(item)
-            pack = None if where is None else (self.packs, *where)
-            out.append(InverseOperator(item.state, pack, self._powers))
+            assert where is not None  # ensure() packed every item
+            out.append(InverseOperator(item.state, self.packs, where, self._powers))
         return out
