@@ -23,6 +23,7 @@ from curvlab.interfaces import (
     UpdateRule,
 )
 from curvlab.interfaces.estimator import STRUCTURES
+from curvlab.interfaces.update import known_flag
 from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
 from curvlab.layers import FallbackParameter, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
@@ -400,11 +401,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if scale is not None:  # output statistics (odd entries) carry the loss scale squared
             for i in range(1, len(totals), 2):
                 totals[i] = totals[i] / scale.to(totals[i].dtype).square()
-        # the small statistics checked as one vector per dtype (one norm, not one per layer)
+        # the small statistics checked as one vector per dtype (one norm, not one per layer);
+        # large ones (full factors) on their own, rather than copied into that vector
         packed: dict[torch.dtype, list[Tensor]] = {}
+        large = []
         for t in totals:
-            packed.setdefault(t.dtype, []).append(t.reshape(-1))
-        local_ok = self._local_finite(grads + [torch.cat(v) for v in packed.values()], device)
+            if t.numel() > 65536:
+                large.append(t)
+            else:
+                packed.setdefault(t.dtype, []).append(t.reshape(-1))
+        local_ok = self._local_finite(
+            grads + large + [torch.cat(v) for v in packed.values()], device
+        )
         if not records:
             return {}, self.reducer.all_finite(local_ok)
         totals, counts, ok = self.reducer.reduce_with_flag(totals, counts, local_ok)
@@ -461,21 +469,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._diagonal.update(
                 diagonal, ok, blend, 0.0 if paper else 1.0, None if paper else self.normalizer
             )
+        known = known_flag(ok)
         for name, (H_total, S_total, H_count, S_count) in stats.items():
             if name in diagonal:
                 continue
-            H_hat, S_hat = H_total / H_count, S_total / S_count
             state = self.curvature_state.get(name)
             if state is None:
                 state = {
-                    "H": torch.zeros_like(H_hat),
-                    "S": torch.zeros_like(S_hat),
-                    "updated": torch.zeros((), dtype=torch.bool, device=H_hat.device),
+                    "H": torch.zeros_like(H_total),
+                    "S": torch.zeros_like(S_total),
+                    "updated": torch.zeros((), dtype=torch.bool, device=H_total.device),
                 }
                 self.curvature_state[name] = state
             # (official EMA is diagonal-only, checked in __init__)
-            state["H"] = torch.where(ok, g * state["H"] + (1.0 - g) * H_hat, state["H"])
-            state["S"] = torch.where(ok, g * state["S"] + (1.0 - g) * S_hat, state["S"])
+            for key, total, count in (("H", H_total, H_count), ("S", S_total, S_count)):
+                if known is None:  # on a device: blend with the flag
+                    ema = state[key]
+                    state[key] = torch.where(ok, g * ema + (1.0 - g) * (total / count), ema)
+                elif known:  # on CPU (flag read for free): in place, two passes over d²
+                    if isinstance(count, Tensor):
+                        total, count = total / count, 1
+                    state[key].mul_(g).add_(total, alpha=(1.0 - g) / count)
             state["updated"] = state["updated"] | ok
             self._factor_versions[name] = self._factor_versions.get(name, 0) + 1
 
@@ -576,10 +590,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "skipped_steps": self._skipped,
             # diagonal layers' entries are views into the packed, in-place-updated factors:
             # snapshot them, as a checkpoint must not change while training goes on
+            # and the banded/full EMA factors are updated in place on CPU
             "layers": {
                 name: {k: v.clone() for k, v in state.items()}
                 if name in self._diagonal
-                else dict(state)
+                else {k: v.clone() if k in ("H", "S") else v for k, v in state.items()}
                 for name, state in self.curvature_state.items()
             },
             "layer_names": [r.name for r in self.layers],

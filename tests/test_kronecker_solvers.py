@@ -392,28 +392,37 @@ def test_solver_selection_and_errors():
         curvlab.registry.create("estimators", "banded", block_size=0)
 
 
-def test_float64_refresh_keeps_rank_deficient_fp32_factors_accurate():
-    """A rank-deficient fp32 factor (10 rows, d = 200) with a small damping shift: the inverse
-    computed in float64 (the default) is accurate to fp32 storage; in fp32 it is not."""
+def test_fp32_factors_are_inverted_in_float64_only_where_conditioning_needs_it():
+    """A rank-deficient fp32 factor (10 rows, d = 200) with a small damping shift (κ ≈ 1e4):
+    inverted in fp32 it loses digits (or its Cholesky fails); the solver sees the conditioning
+    and inverts it in float64, accurate to fp32 storage. A well-conditioned factor is inverted
+    in fp32 (bitwise the fp32 Cholesky inverse)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(10, 200, generator=g)
     H = (X.T @ X / 10).reshape(1, 200, 200)
-    shift = 1e-4 * float(torch.linalg.matrix_norm(H[0], 2))
-    exact = torch.linalg.inv(H.double() + shift * torch.eye(200, dtype=torch.float64))
+    eye = torch.eye(200)
 
-    def inverse(dtype):
-        M = H.to(dtype) + shift * torch.eye(200, dtype=dtype)
+    def fp32_inverse(M):
         L, info = torch.linalg.cholesky_ex(M)
-        return torch.cholesky_inverse(L).float(), int(info)
+        return torch.cholesky_inverse(L), int(info.max())
 
-    def error(inv):
-        return float((inv.double() - exact).norm() / exact.norm())
+    def error(inverse, M):
+        exact = torch.linalg.inv(M.double())
+        return float((inverse.double() - exact).norm() / exact.norm())
 
-    inv64, info64 = inverse(torch.float64)
-    inv32, info32 = inverse(torch.float32)
-    assert info64 == 0 and error(inv64) < 1e-6
-    assert info32 != 0 or error(inv32) > 100 * error(inv64)
-    assert InverseSolver().dtype == torch.float64
+    solver = InverseSolver()
+    shift = 1e-4 * float(torch.linalg.matrix_norm(H[0], 2))
+    ill = H + shift * eye
+    inv32, info = fp32_inverse(ill)
+    inverse = solver._inverse(ill, "full", torch.tensor([shift]))
+    assert inverse.dtype == torch.float32
+    assert error(inverse, ill) < 1e-6
+    assert info != 0 or error(inv32, ill) > 100 * error(inverse, ill)
+
+    shift = float(torch.linalg.matrix_norm(H[0], 2))
+    well = H + shift * eye
+    assert torch.equal(solver._inverse(well, "full", torch.tensor([shift])), fp32_inverse(well)[0])
+    assert error(fp32_inverse(well)[0], well) < 1e-6
 
 
 # -- the step's fast paths ---------------------------------------------------------------------
