@@ -245,11 +245,14 @@ def pad_matrices(matrices: list[Tensor], rows: int, cols: int, value: float = 0.
     """The (…, m, n) matrices stacked into a (k, …, rows, cols) tensor filled with ``value``
     beyond them (one copy)."""
     first = matrices[0]
-    if first.shape[-2:] == (rows, cols):
+    m, n = first.shape[-2:]
+    if (m, n) == (rows, cols):
         return torch.stack(matrices)
-    out = first.new_full((len(matrices), *first.shape[:-2], rows, cols), value)
-    for i, m in enumerate(matrices):
-        out[i, ..., : m.shape[-2], : m.shape[-1]] = m
+    out = first.new_empty((len(matrices), *first.shape[:-2], rows, cols))
+    for i, matrix in enumerate(matrices):
+        out[i, ..., :m, :n] = matrix
+    out[..., :m, n:] = value  # only the margins are filled (a pass less over the matrix)
+    out[..., m:, :] = value
     return out
 
 

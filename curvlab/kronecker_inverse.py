@@ -161,29 +161,29 @@ class InverseSolver(KroneckerSolver):
         root = math.sqrt(damping)
         self._powers.clear()
         for batch in batches(items):
-            dense = {k: [normalized_matrix(normalizer, it.dense(k)) for it in batch] for k in "HS"}
-            stacked: dict[str, Tensor] = {}
-            shifts = {}
-            for i, item in enumerate(batch):
-                # never-updated (zero) factors precondition as identity factors (π = 1)
-                valid = item.state["updated"]
+            # the normalised factors, stacked (one copy: the EMA factors stay untouched)
+            M = {
+                k: torch.stack([normalized_matrix(normalizer, it.dense(k)) for it in batch])
+                for k in "HS"
+            }
+            # never-updated (zero) factors precondition as identity factors (π = 1)
+            valid = torch.stack([it.state["updated"] for it in batch])
+            host = update_interface.READ_CPU_FLAGS and valid.device.type == "cpu"
+            if not host or not bool(valid.all()):
                 for k in "HS":
-                    M = dense[k][i]
-                    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-                    dense[k][i] = torch.where(valid, M, eye)
-                H_diag = dense["H"][i].diagonal(dim1=-2, dim2=-1)
-                S_diag = dense["S"][i].diagonal(dim1=-2, dim2=-1)
-                pi = split_pi(H_diag, S_diag)
-                shifts[item.name] = (pi * root, root / pi)
-                item.state["H_diag"], item.state["S_diag"] = H_diag.clone(), S_diag.clone()
-                item.state["H_shift"], item.state["S_shift"] = shifts[item.name]
-            for k, index in (("H", 0), ("S", 1)):
-                M = torch.stack(dense[k])
-                shift = torch.stack([shifts[it.name][index] for it in batch]).to(M.dtype)
-                M = M + shift.reshape(-1, *([1] * (M.dim() - 1))) * torch.eye(
-                    M.shape[-1], dtype=M.dtype, device=M.device
-                )
-                stacked[k + "_inv"] = self._inverse(M, batch[0].structure, shift)
+                    eye = torch.eye(M[k].shape[-1], dtype=M[k].dtype, device=M[k].device)
+                    M[k] = torch.where(valid.reshape(-1, 1, 1, 1), M[k], eye)
+            diag = {k: M[k].diagonal(dim1=-2, dim2=-1) for k in "HS"}  # (layers, groups, d)
+            pi = torch.stack([split_pi(h, s) for h, s in zip(diag["H"], diag["S"])])
+            shifts = {"H": pi * root, "S": root / pi}
+            for i, item in enumerate(batch):
+                for k in "HS":
+                    item.state[k + "_diag"] = diag[k][i].clone()
+                    item.state[k + "_shift"] = shifts[k][i]
+            stacked = {}
+            for k in "HS":
+                diag[k].add_(shifts[k].reshape(-1, 1, 1))  # M ← M' + δ I, in place
+                stacked[k + "_inv"] = self._inverse(M[k], batch[0].structure, shifts[k])
             self.packs.adopt(batch, stacked)
 
     def _inverse(self, M: Tensor, structure: str, shift: Tensor) -> Tensor:
@@ -195,10 +195,19 @@ class InverseSolver(KroneckerSolver):
         if not host or structure != "full":
             return self._invert(M.double(), structure).to(M.dtype)
         L, info = torch.linalg.cholesky_ex(M)
-        kappa = largest_eigenvalue(M) / shift.reshape(-1, *([1] * (M.dim() - 3)))
-        if bool((info > 0).any()) or not bool((kappa <= KAPPA_FP32).all()):
+        if bool((info > 0).any()) or not self._well_conditioned(M, shift):
             return self._invert(M.double(), structure).to(M.dtype)
         return torch.cholesky_inverse(L)
+
+    @staticmethod
+    def _well_conditioned(M: Tensor, shift: Tensor) -> bool:
+        """κ = λ_max / λ_min ≤ :data:`KAPPA_FP32` for every matrix (λ_min ≥ δ = shift): first
+        the bound λ_max ≤ tr M (O(d), enough for most factors), else power iteration."""
+        shift = shift.reshape(-1, *([1] * (M.dim() - 3)))
+        trace = M.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if bool((trace <= KAPPA_FP32 * shift).all()):
+            return True
+        return bool((largest_eigenvalue(M) <= KAPPA_FP32 * shift).all())
 
     @staticmethod
     def _invert(M: Tensor, structure: str) -> Tensor:
