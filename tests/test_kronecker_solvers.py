@@ -492,3 +492,13 @@ def test_cpu_flag_path_equals_device_path(name, monkeypatch):
     for i, s in state_cpu.items():
         for key, value in s.items():
             torch.testing.assert_close(state_dev[i][key], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rows_shape", [(1, 300, 700), (2, 50, 520), (1, 40, 100)])
+def test_gram_equals_the_full_product_and_is_symmetric(rows_shape):
+    from curvlab.plugins.estimators.full import gram
+
+    rows = torch.randn(*rows_shape, dtype=torch.float64)
+    A = gram(rows, block=128)
+    torch.testing.assert_close(A, rows.transpose(1, 2) @ rows, rtol=1e-13, atol=1e-12)
+    assert torch.equal(A, A.transpose(1, 2))

@@ -12,6 +12,27 @@ from curvlab.registry import register
 from curvlab.validation import check_choice, check_positive_int
 
 
+#: dimension from which :func:`gram` computes one block triangle (below, one product)
+GRAM_BLOCK = 256
+
+
+def gram(rows: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``rowsᵀ rows`` for rows of shape (groups, R, d): the lower block triangle by one product
+    per block row (about (k+1)/2k of the multiply-adds of the full product, k = ⌈d/block⌉),
+    mirrored into the upper one, so the result is exactly symmetric. For a convolution's
+    patches (R = N·positions ≫ d) this product is most of a curvature step's cost."""
+    d = rows.shape[-1]
+    if d < 2 * block:
+        return rows.transpose(-1, -2) @ rows
+    out = rows.new_empty(*rows.shape[:-2], d, d)
+    for start in range(0, d, block):
+        end = min(start + block, d)
+        piece = rows[..., start:end]
+        out[..., start:end, :end] = piece.transpose(-1, -2) @ rows[..., :end]
+        out[..., :start, start:end] = out[..., start:end, :start].transpose(-1, -2)
+    return out
+
+
 def grouped_output_rows(
     adapter: LayerAdapter, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
 ) -> Tensor:
@@ -91,7 +112,7 @@ class FullEstimator(KroneckerRowsEstimator):
     structure = "full"
 
     def second_moment(self, rows: Tensor) -> Tensor:
-        return rows.transpose(1, 2) @ rows
+        return gram(rows)
 
     def __repr__(self) -> str:
         block = f", block_size={self.block_size}" if self.solver == "block" else ""
