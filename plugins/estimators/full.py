@@ -11,7 +11,6 @@ from curvlab.plugins.estimators.diagonal import DiagonalEstimator
 from curvlab.registry import register
 from curvlab.validation import check_choice, check_positive_int
 
-
 #: dimension from which :func:`gram` computes one block triangle (below, one product)
 GRAM_BLOCK = 256
 
@@ -30,6 +29,8 @@ def gram(rows: Tensor, block: int = GRAM_BLOCK) -> Tensor:
         piece = rows[..., start:end]
         out[..., start:end, :end] = piece.transpose(-1, -2) @ rows[..., :end]
         out[..., :start, start:end] = out[..., start:end, :start].transpose(-1, -2)
+        diagonal = out[..., start:end, start:end]  # its own lower triangle, mirrored
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).transpose(-1, -2))
     return out
 
 
