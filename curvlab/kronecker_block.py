@@ -33,6 +33,7 @@ from curvlab.kronecker import (
     RefreshItem,
     damped_diagonal,
     eigen_denominator,
+    pad_matrices,
 )
 from curvlab.validation import check_positive_int
 
@@ -69,20 +70,35 @@ def diagonal_blocks(structure: str, factor: Tensor, size: int) -> tuple[Tensor, 
     return blocks, tail
 
 
-def times_block_diagonal(x: Tensor, blocks: Tensor, tail: Tensor, transpose: bool) -> Tensor:
-    """``x Q`` (or ``x Qᵀ``) for ``x`` of shape (groups, m, d) and the block-diagonal Q."""
+def uniform_blocks(blocks: Tensor, tail: Tensor) -> Tensor:
+    """The block-diagonal ``Q`` as equal blocks (groups, n, k, k): the short last block padded
+    with the identity (a matrix padded with zero columns keeps them zero), or one block of
+    size d when d < k."""
+    groups, n_blocks, size = blocks.shape[0], blocks.shape[1], blocks.shape[-1]
+    rest = tail.shape[-1]
+    if not rest:
+        return blocks
+    if not n_blocks:
+        return tail.unsqueeze(1)
+    out = blocks.new_zeros(groups, n_blocks + 1, size, size)
+    out[:, :n_blocks] = blocks
+    out[:, n_blocks, :rest, :rest] = tail
+    out[:, n_blocks, rest:, rest:] = torch.eye(size - rest, dtype=out.dtype, device=out.device)
+    return out
+
+
+def block_rotate(x: Tensor, QS: Tensor, QH: Tensor, transpose: bool) -> Tensor:
+    """``Q_Sᵀ X Q_H`` (``transpose``: ``Q_S X Q_Hᵀ``) for X of shape (groups, O, D) and uniform
+    block-diagonal ``Q_S`` (groups, a, s, s), ``Q_H`` (groups, b, t, t), O = a·s, D = b·t:
+    two batched products and two reorderings of X."""
+    groups, rows, cols = x.shape
+    a, s = QS.shape[1], QS.shape[-1]
+    b, t = QH.shape[1], QH.shape[-1]
     if transpose:
-        blocks, tail = blocks.transpose(-1, -2), tail.transpose(-1, -2)
-    groups, m, d = x.shape
-    n_blocks, size = blocks.shape[1], blocks.shape[-1]
-    n = n_blocks * size
-    parts = []
-    if n_blocks:
-        chunks = x[..., :n].reshape(groups, m, n_blocks, size).transpose(1, 2)
-        parts.append((chunks @ blocks).transpose(1, 2).reshape(groups, m, n))
-    if tail.shape[-1]:
-        parts.append(x[..., n:] @ tail)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        QS, QH = QS.transpose(-1, -2), QH.transpose(-1, -2)
+    x = x.reshape(groups, rows, b, t).transpose(1, 2) @ QH  # (groups, b, O, t): X Q_H
+    x = x.reshape(groups, b, a, s, t).permute(0, 2, 3, 1, 4).reshape(groups, a, s, cols)
+    return (QS.transpose(-1, -2) @ x).reshape(groups, rows, cols)  # Q_Sᵀ (X Q_H)
 
 
 def _block_diagonals(values: Tensor, blocks: Tensor, tail: Tensor) -> Tensor:
@@ -99,26 +115,47 @@ def _block_diagonals(values: Tensor, blocks: Tensor, tail: Tensor) -> Tensor:
 
 
 class BlockEigenOperator(KroneckerOperator):
-    """One layer's block eigenpairs, normalised spectra and damping for this step."""
+    """One layer's block eigenpairs, normalised spectra and damping for this step, with the
+    uniform blocks and ``1/D`` it solves with (cached by the solver between refreshes)."""
 
     def __init__(
-        self, LH: Tensor, LS: Tensor, state: dict[str, Tensor], damping: float, mode: str
+        self,
+        LH: Tensor,
+        LS: Tensor,
+        state: dict[str, Tensor],
+        damping: float,
+        mode: str,
+        prepared: dict,
     ) -> None:
         self.LH, self.LS = LH, LS
         self.QH = (state["QH_blocks"], state["QH_tail"])
         self.QS = (state["QS_blocks"], state["QS_tail"])
         self.damping, self.mode = damping, mode
         self.dtype = LH.dtype
+        self._prepared = prepared  # the solver's cache entry of this layer
+
+    def _parts(self, power: float) -> tuple[Tensor, Tensor, Tensor]:
+        prepared = self._prepared
+        if "QH" not in prepared:
+            prepared["QH"] = uniform_blocks(*self.QH)
+            prepared["QS"] = uniform_blocks(*self.QS)
+        denominators = prepared.setdefault("1/D", {})
+        key = (self.damping, self.mode, float(power))
+        if key not in denominators:
+            QS, QH = prepared["QS"], prepared["QH"]
+            rows, cols = QS.shape[1] * QS.shape[-1], QH.shape[1] * QH.shape[-1]
+            denom = eigen_denominator(self.LS, self.LH, self.damping, self.mode, power)
+            if len(denominators) >= 4:  # a damping schedule: keep the latest few
+                denominators.clear()
+            denominators[key] = pad_matrices([denom.reciprocal()], rows, cols, value=1.0)[0]
+        return prepared["QS"], prepared["QH"], denominators[key]
 
     def solve(self, matrix: Tensor, power: float) -> Tensor:
-        x = times_block_diagonal(matrix, *self.QH, transpose=False)  # V Q_H
-        x = times_block_diagonal(x.transpose(-1, -2), *self.QS, transpose=False)  # (Q_Sᵀ V Q_H)ᵀ
-        x = x.transpose(-1, -2) / eigen_denominator(
-            self.LS, self.LH, self.damping, self.mode, power
-        )
-        x = times_block_diagonal(x, *self.QH, transpose=True)  # · Q_Hᵀ
-        x = times_block_diagonal(x.transpose(-1, -2), *self.QS, transpose=True)  # (Q_S ·)ᵀ
-        return x.transpose(-1, -2)
+        QS, QH, inverse_denominator = self._parts(power)
+        out, d = matrix.shape[-2:]
+        x = pad_matrices([matrix], *inverse_denominator.shape[-2:])[0]
+        x = block_rotate(x, QS, QH, transpose=False) * inverse_denominator
+        return block_rotate(x, QS, QH, transpose=True)[..., :out, :d]
 
     def factor_diagonals(self) -> tuple[Tensor, Tensor]:
         return _block_diagonals(self.LH, *self.QH), _block_diagonals(self.LS, *self.QS)
@@ -142,6 +179,8 @@ class BlockEigenSolver(KroneckerSolver):
 
     def __init__(self, block_size: int = 64) -> None:
         self.block_size = check_positive_int("block_size", block_size)
+        #: per layer: (refreshed entries, normalised spectra, what its solves prepared)
+        self._prepared: dict[str, tuple] = {}
 
     def refresh(
         self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str
@@ -187,10 +226,18 @@ class BlockEigenSolver(KroneckerSolver):
         out: list[KroneckerOperator] = []
         for item in items:
             state = item.state
-            valid = state["eigen_valid"]
-            LH = torch.where(valid, normalizer(state["LH"], "spectrum"), 1.0)
-            LS = torch.where(valid, normalizer(state["LS"], "spectrum"), 1.0)
-            out.append(BlockEigenOperator(LH, LS, state, damping, mode))
+            # what a solve prepares (uniform blocks, 1/D) is kept while the refreshed entries
+            # are the same tensors (held here, so that they cannot be freed and replaced)
+            refs = tuple(state[k] for k in self.state_keys)
+            cached = self._prepared.get(item.name)
+            if cached is None or any(a is not b for a, b in zip(cached[0], refs)):
+                valid = state["eigen_valid"]
+                LH = torch.where(valid, normalizer(state["LH"], "spectrum"), 1.0)
+                LS = torch.where(valid, normalizer(state["LS"], "spectrum"), 1.0)
+                cached = (refs, LH, LS, {})
+                self._prepared[item.name] = cached
+            _, LH, LS, prepared = cached
+            out.append(BlockEigenOperator(LH, LS, state, damping, mode, prepared))
         return out
 
     def __repr__(self) -> str:

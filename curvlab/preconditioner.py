@@ -292,8 +292,13 @@ class CurvaturePreconditioner(Preconditioner):
         for i, p in enumerate(params):
             divisor = None if prepared is None else prepared[i]
             if joint[i] is not None:
-                d = joint[i] if divisor is None else joint[i] / divisor.value
-                p.add_(d.to(p.dtype), alpha=alpha)
+                solved = joint[i].to(p.dtype)
+                if divisor is None:
+                    p.add_(solved, alpha=alpha)
+                elif divisor.value.dtype == p.dtype:  # one pass; d = inf leaves θ unchanged
+                    p.addcdiv_(solved, divisor.value, value=alpha)
+                else:
+                    p.add_((joint[i] / divisor.value).to(p.dtype), alpha=alpha)
                 continue
             den = self._elementwise_or_diagonal(p, power, divisor)
             if den is None:
