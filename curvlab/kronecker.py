@@ -64,13 +64,11 @@ def eigen_denominator(
     return denom if power == 1.0 else denom.pow(power)
 
 
-def damped_diagonal(
-    S_diag: Tensor, H_diag: Tensor, damping: float, mode: str, pi: Tensor | None = None
-) -> Tensor:
-    """diag(F) (groups, out, in) from the factors' diagonals; ``pi`` of factored damping
-    (default: from the diagonals, whose means are the spectra's)."""
+def damped_diagonal(S_diag: Tensor, H_diag: Tensor, damping: float, mode: str) -> Tensor:
+    """diag(F) (groups, out, in) from the normalised factors' diagonals (factored damping: π
+    from their means, which are the spectra's)."""
     if mode == "factored":
-        pi = split_pi(H_diag, S_diag) if pi is None else pi
+        pi = split_pi(H_diag, S_diag)
         root = math.sqrt(damping)
         return (S_diag + root / pi).unsqueeze(-1) * (H_diag + pi * root).unsqueeze(-2)
     return S_diag.unsqueeze(-1) * H_diag.unsqueeze(-2) + damping
