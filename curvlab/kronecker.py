@@ -317,9 +317,20 @@ class Packs:
         return where
 
     def ensure(self, items: list[RefreshItem]) -> None:
-        """Re-stack the items whose entries do not view a pack (batched as a refresh does)."""
-        loose = [item for item in items if self.find(item) is None]
-        for batch in batches(loose):
+        """Make every batch of equal-shape items (:func:`batches`, in order) exactly one pack,
+        re-stacking (copying once) a batch that is not: after ``load_state_dict`` (entries no
+        longer view a pack), or after a refresh of some of its layers (a layer whose factors
+        arrived late). So the packs, and the rounding of the batched products, depend only on
+        the layers, not on the history (a resumed run continues bitwise)."""
+        for batch in batches(items):
+            where = [self.find(item) for item in batch]
+            first = where[0]
+            if (
+                first is not None
+                and self._packs[first[0]][1] == len(batch)
+                and where == [(first[0], pos) for pos in range(len(batch))]
+            ):
+                continue
             stacked = {k: torch.stack([it.state[k] for it in batch]) for k in self.keys}
             self.adopt(batch, stacked)
 

@@ -77,7 +77,7 @@ class InverseOperator(KroneckerOperator):
         state: dict[str, Tensor],
         packs: Packs,
         where: tuple[int, int],
-        powers: dict[tuple[int, float], tuple[Tensor, Tensor]],
+        powers: dict[tuple[int, float], tuple[Tensor, Tensor, Tensor]],
     ) -> None:
         self.state = state
         self.H_inv, self.S_inv = state["H_inv"], state["S_inv"]
@@ -86,12 +86,17 @@ class InverseOperator(KroneckerOperator):
         self._powers = powers
 
     def _inverses(self, power: float) -> tuple[Tensor, Tensor]:
-        key = (self.H_inv.data_ptr(), float(power))
+        # keyed by the inverse tensor itself (held by the entry: its id cannot be reused)
+        key = (id(self.H_inv), float(power))
         cached = self._powers.get(key)
-        if cached is None or cached[0].shape != self.H_inv.shape:
-            cached = (_inverse_power(self.H_inv, power), _inverse_power(self.S_inv, power))
+        if cached is None or cached[0] is not self.H_inv:
+            cached = (
+                self.H_inv,
+                _inverse_power(self.H_inv, power),
+                _inverse_power(self.S_inv, power),
+            )
             self._powers[key] = cached
-        return cached
+        return cached[1], cached[2]
 
     def solve(self, matrix: Tensor, power: float) -> Tensor:
         if power != 1.0:
@@ -152,8 +157,8 @@ class InverseSolver(KroneckerSolver):
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
         self.packs = Packs(INVERSE_KEYS)
-        #: (inverse storage, power) → inverse powers, for update rules with power ≠ 1
-        self._powers: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
+        #: (id of H_inv, power) → (H_inv, inverse powers), for update rules with power ≠ 1
+        self._powers: dict[tuple[int, float], tuple[Tensor, Tensor, Tensor]] = {}
 
     def refresh(
         self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str

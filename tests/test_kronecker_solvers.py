@@ -316,10 +316,14 @@ def test_diagonal_blocks_equal_the_masked_dense_factor(structure, d, k):
 
 
 # -- state, batching, refresh skipping ----------------------------------------------------------
+@pytest.mark.parametrize("late", [False, True], ids=["", "late_layer"])
 @pytest.mark.parametrize("config", ["kfac.gin", "banded_adafisher.gin", "eigen"])
-def test_state_dict_round_trip_continues_bitwise(config):
+def test_state_dict_round_trip_continues_bitwise(config, late):
     """Batched (packed) inverses/eigenbases are saved with the state; a fresh optimizer that
-    loads them re-stacks them and continues bitwise (interrupted between two refreshes)."""
+    loads them re-stacks them and continues bitwise (interrupted between two refreshes; with
+    ``late``, after the factors of a third layer of a and b's shape arrived at step 3 and were
+    refreshed alone)."""
+    late_from = 3 if late else None
     bindings = ["optimizer.inverse_interval = 4"]
     if config == "eigen":
         config, bindings = "kfac.gin", [*bindings, "estimators.full.solver = 'eigen'"]
@@ -328,12 +332,13 @@ def test_state_dict_round_trip_continues_bitwise(config):
         return curvlab.build_optimizer(model, CONFIG_ROOT / config, bindings=bindings)
 
     data = batches(7, seed=5)
-    reference, _ = train(make, data)
+    reference, _ = train(make, data, late_from=late_from)
 
     torch.manual_seed(0)
     model = Net().double()
     opt = make(model)
-    for x, y in data[:5]:
+    for i, (x, y) in enumerate(data[:5]):
+        model.late = late and i >= late_from
         step(model, opt, x, y)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -342,6 +347,7 @@ def test_state_dict_round_trip_continues_bitwise(config):
 
     resumed_model = Net().double()
     resumed_model.load_state_dict(saved["model"])
+    resumed_model.late = late
     resumed = make(resumed_model)
     resumed.load_state_dict(saved["opt"])
     for x, y in data[5:]:
