@@ -5,6 +5,12 @@ registers a hook on the *output tensor*; that hook computes the output-gradient 
 commits the pair. Tensor hooks survive in-place ops on the output (they receive the gradient
 w.r.t. the tensor before modification), unlike ``register_full_backward_hook``. A forward whose
 output never receives a gradient commits nothing, so input and output statistics always pair.
+
+Functional layers (``LayerAdapter.capture_forward``, e.g. ``nn.MultiheadAttention``, whose q, k,
+v projections happen inside its forward) get no forward hook: while the engine is attached, the
+module's ``forward`` is a :class:`CapturingForward`, which runs the adapter's observable forward
+when statistics are gathered and the module's own forward otherwise. Each block the adapter
+observes goes through the same path as a forward hook (:meth:`CaptureEngine._forward_hook`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +58,7 @@ class CaptureEngine:
 
     def __init__(self) -> None:
         self._handles: list = []
+        self._forwards: list[CapturingForward] = []
         #: per thread, the last shareable input statistic: (weakref to the input, its
         #: version, (signature, dtype), statistic)
         self._last_input = threading.local()
@@ -66,15 +74,38 @@ class CaptureEngine:
         self.detach()
         self._estimator = estimator
         self._is_active = is_active
+        functional: dict[int, list[LayerRecord]] = {}
+        by_module: dict[int, list[LayerRecord]] = {}
         for record in layers:
+            by_module.setdefault(id(record.module), []).append(record)
+            if record.adapter.captures_forward:  # one forward override per module, all blocks
+                functional.setdefault(id(record.module), []).append(record)
+                continue
             dtype = statistics_dtype(record.module)
             handle = record.module.register_forward_hook(partial(self._forward_hook, record, dtype))
             self._handles.append(handle)
+        for records in functional.values():
+            # direct submodules that are layers themselves: observable by their name too
+            children = {
+                ".".join(part for part in (child_name, r.block) if part): r
+                for child_name, child in records[0].module.named_children()
+                for r in by_module.get(id(child), ())
+            }
+            self._forwards.append(CapturingForward.install(self, records, children))
 
     def detach(self) -> None:
+        """Remove every hook and forward override this engine installed (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for forward in self._forwards:
+            forward.uninstall()
+        self._forwards.clear()
+
+    def capturing(self, module: nn.Module) -> bool:
+        """Whether a forward of ``module`` now gathers statistics (curvature step, not paused,
+        training mode, grad enabled)."""
+        return self._is_active() and module.training and torch.is_grad_enabled()
 
     def __getstate__(self) -> dict:
         # pickling a hooked model (torch.save(model)) pickles its hooks and so this engine.
@@ -99,7 +130,7 @@ class CaptureEngine:
     ) -> None:
         if module is not record.module:  # a deep copy of the hooked module
             return
-        if not (self._is_active() and module.training and torch.is_grad_enabled()):
+        if not self.capturing(module):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
@@ -134,3 +165,85 @@ class CaptureEngine:
                 record.adapter, record.module, grad.detach(), dtype
             )
         record.accumulate(input_stat, output_stat)
+
+
+class CapturingForward:
+    """The ``forward`` of a functional layer while a :class:`CaptureEngine` is attached.
+
+    Installed as an instance attribute (``module.forward``), so ``nn.Module.__call__`` and its
+    hooks are unchanged. While the engine gathers statistics on this very module it runs
+    ``adapter.capture_forward(module, observe, *args, **kwargs)``; otherwise (eval, no grad,
+    non-curvature steps, paused capture) the original forward runs untouched, as it does on a
+    deep copy (EMA/SWA) or an unpickled copy of the module: the copied override still points at
+    the original records (``LayerRecord`` deep-copies to itself), whose module is not the copy,
+    and an unpickled engine is never active. ``uninstall()`` restores the previous forward.
+    """
+
+    def __init__(
+        self,
+        engine: CaptureEngine,
+        records: list[LayerRecord],
+        children: dict[str, LayerRecord] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.module = records[0].module
+        self.adapter = records[0].adapter
+        dtype = statistics_dtype(self.module)
+        #: what ``observe`` accepts: the module's blocks, then its direct submodules' layers
+        self.blocks = {
+            name: (record, statistics_dtype(record.module))
+            for name, record in (children or {}).items()
+        }
+        self.blocks.update({record.block: (record, dtype) for record in records})
+        self._records = records
+        #: an instance-level forward that was there before (None: the class's forward)
+        self.previous = self.module.__dict__.get("forward")
+        self.installed = False
+
+    @classmethod
+    def install(
+        cls,
+        engine: CaptureEngine,
+        records: list[LayerRecord],
+        children: dict[str, LayerRecord] | None = None,
+    ) -> CapturingForward:
+        forward = cls(engine, records, children)
+        forward.module.forward = forward  # an instance attribute: shadows the class's forward
+        forward.installed = True
+        return forward
+
+    def uninstall(self) -> None:
+        """Put the previous forward back (idempotent); if something else replaced this override
+        in the meantime, leave it there and only turn this one into a pass-through."""
+        if not self.installed:
+            return
+        self.installed = False
+        if self.module.__dict__.get("forward") is self:
+            if self.previous is None:
+                del self.module.forward
+            else:
+                self.module.forward = self.previous
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        if self.installed and module is self.hooked and self.engine.capturing(module):
+            return self.adapter.capture_forward(module, self.observe, *args, **kwargs)
+        return self.original(*args, **kwargs)
+
+    @property
+    def hooked(self) -> nn.Module:
+        """The module the records belong to (on a deep copy: not this override's module)."""
+        return self._records[0].module
+
+    def observe(self, block: str, x: Tensor, output: Tensor) -> None:
+        """Block ``block`` (or the layer of the direct submodule ``block``, e.g. a projection
+        the module applies functionally) read ``x`` and produced ``output``: capture it."""
+        entry = self.blocks.get(block)
+        if entry is not None:  # blocks without a record (frozen) are not captured
+            record, dtype = entry
+            self.engine._forward_hook(record, dtype, record.module, (x,), output)

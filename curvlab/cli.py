@@ -2,12 +2,16 @@
 
 ``curvlab run CONFIG.gin [--bind K=V ...] [--out DIR] [--quiet]`` trains what the config
 describes; other subcommands live in their own modules and are listed in :data:`COMMANDS`.
+An error ends a command with one line, ``error: ...``, naming the key, value or file, and a
+non-zero exit status (2 for bad input, 1 for a run that failed); ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +30,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("curvlab.experiments.analyses", "paper analyses (diagonal concentration, ...)"),
 }
 
+#: exception types that mean bad input (exit status 2); anything else is a failed run (1)
+BAD_INPUT = (ValueError, TypeError, KeyError, LookupError, OSError, ImportError, SyntaxError)
+
+
+def describe(err: BaseException, config: str | None = None) -> str:
+    """The one-line message for ``err`` (see :func:`curvlab.config.explain_error`)."""
+    from curvlab.config import explain_error
+
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    text = explain_error(err, config)
+    if not isinstance(err, BAD_INPUT + (RuntimeError,)):
+        text = f"{type(err).__name__}: {text}"
+    if not (is_bad_input(err) or _is_reported_failure(err)):
+        text += " (an unexpected error: rerun with --debug for the traceback)"
+    return text
+
+
+def is_bad_input(err: BaseException) -> bool:
+    # gin reports missing required bindings as a RuntimeError
+    return isinstance(err, BAD_INPUT) or str(err).startswith("Required bindings")
+
+
+def _is_reported_failure(err: BaseException) -> bool:
+    from curvlab.experiments.distributed import DistributedTimeoutError
+    from curvlab.experiments.rundir import RunFailed
+
+    return isinstance(err, (RunFailed, DistributedTimeoutError))
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -40,9 +73,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             continue  # a subcommand whose module is not part of this build
         available[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        if not any("--debug" in action.option_strings for action in command._actions):
+            command.add_argument(
+                "--debug", action="store_true", help="on an error, show the full traceback"
+            )
     args = parser.parse_args(argv)
-    return int(available[args.command].main(args) or 0)
+    try:
+        return int(available[args.command].main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line per error; --debug re-raises
+        if getattr(args, "debug", False):
+            raise
+        message = describe(err, getattr(args, "config", None))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not message.startswith("rank "):
+            message = f"rank {os.environ.get('RANK', '?')}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if is_bad_input(err) else 1
 
 
 if __name__ == "__main__":

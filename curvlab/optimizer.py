@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab import registry
+from curvlab import lifecycle, registry
+from curvlab.api_checks import (
+    CurvatureNotCapturedWarning,  # noqa: F401 - part of this module's interface
+    check_new_parameters,
+    check_parameters_belong_to,
+    warn_if_nothing_captured,
+)
+from curvlab.buffer_guard import BufferGuard
 from curvlab.capture import statistics_dtype
+from curvlab.coverage import Coverage, FallbackCoverage, LayerCoverage
 from curvlab.factor_store import DiagonalFactorStore
 from curvlab.interfaces import (
     Backend,
     DampingPolicy,
     FactorEstimator,
+    FallbackPolicy,
     LayerAdapter,
     Normalizer,
     Reducer,
@@ -25,17 +35,48 @@ from curvlab.interfaces import (
 from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.interfaces.update import known_flag
 from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
-from curvlab.layers import FallbackParameter, pair_parameters
+from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
+from curvlab.regions import shared_parameters
 from curvlab.validation import check_choice, check_positive_int, check_range
 
-#: adapters of the paper variant, tried in this order
-PAPER_ADAPTERS = ("linear", "conv2d", "batchnorm", "layernorm", "groupnorm", "embedding")
+#: adapters of the paper variant, tried in this order ("conv2d" before "conv": a Conv2d layer
+#: keeps the adapter class name that checkpoints record in their layers_description)
+PAPER_ADAPTERS = (
+    "linear",
+    "conv2d",
+    "conv",
+    "conv_transpose",
+    "batchnorm",
+    "layernorm",
+    "groupnorm",
+    "embedding",
+    "multihead_attention",
+)
+#: RMS-type norms (nn.RMSNorm; transformers' classes through register_layer) and transformers'
+#: Conv1D (looked up lazily: transformers is never imported by curvlab)
+PAPER_ADAPTERS += ("rmsnorm", "hf_conv1d")
 EMA_SEMANTICS = ("paper", "official")
 
 
+def _detach(backend: Backend, guard: BufferGuard) -> None:
+    """Remove every hook an optimizer installed (its backend's and its buffer guard's)."""
+    backend.detach()
+    guard.detach()
+
+
 class CurvatureFallbackWarning(UserWarning):
-    """Some trainable parameters get identity curvature (listed in the message)."""
+    """Some trainable parameters have no layer curvature (listed in the message, with what they
+    get instead and how to fix it)."""
+
+
+#: appended to the fallback warning
+FALLBACK_FIXES = (
+    "Fixes: map a layer class onto an adapter that reads it with "
+    "curvlab.register_layer(LayerClass, 'adapter_name', **options) (docs/layers.md), or choose "
+    "another rule with fallback='squared_gradient' (their own diagonal Fisher) or "
+    "fallback='error'; opt.coverage() lists every layer and parameter."
+)
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -65,8 +106,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
         ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
         ema_bias_correction: divide the EMA by ``1 − γ^t`` (Adam's second-moment correction).
-        damp_fallback: parameters without curvature use ``F = 1 + λ`` (True) or ``F = 1``.
+        fallback: what parameters without layer curvature get (a :class:`FallbackPolicy` or
+            its name): ``"identity"`` (``F`` constant), ``"squared_gradient"`` (their own
+            normalised EMA of g², damped like the layers), ``"error"`` (refuse them).
+        damp_fallback: the constant ``F`` of parameters without curvature of their own:
+            ``1 + λ`` (True, the paper) or ``1`` (the official code).
         allow_no_supported_layer: otherwise a model without any supported layer is an error.
+        exclusive: a new exclusive optimizer on layers another live one has hooked detaches that
+            one (with an ``OptimizerReplacedWarning``; ``curvlab.lifecycle``). ``False`` shares
+            the layers instead: the optimizer neither replaces nor is replaced (e.g. a
+            learning-rate-0 optimizer that only accumulates full factors for an analysis next
+            to the one that trains).
     """
 
     def __init__(
@@ -87,11 +137,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         update_rule: str | UpdateRule = "adafisher",
         reducer: str | Reducer = "none",
         backend: str | Backend = "native",
+        fallback: str | FallbackPolicy = "identity",
         ema: str = "paper",
         ema_bias_correction: bool = False,
         damp_fallback: bool = True,
         allow_no_supported_layer: bool = False,
         warn_on_fallback: bool = True,
+        exclusive: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -120,6 +172,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.update_rule: UpdateRule = registry.create("updates", update_rule)
         self.reducer: Reducer = registry.create("reducers", reducer)
         self.backend: Backend = registry.create("backends", backend)
+        self.fallback: FallbackPolicy = registry.create("fallbacks", fallback)
         check_choice("estimator structure", self.estimator.structure, STRUCTURES)
         #: how banded/full layers are solved (chosen by the estimator from the damping mode)
         self.kronecker_solver: KroneckerSolver = self.estimator.kronecker_solver(
@@ -138,6 +191,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.damp_fallback = bool(damp_fallback)
         self._allow_no_supported_layer = bool(allow_no_supported_layer)
         self._warn_on_fallback = bool(warn_on_fallback)
+        self._exclusive = bool(exclusive)
         self.model = model
 
         if params is None:
@@ -165,11 +219,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
+        self._closed = False
+        #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
+        self._capture_gate = lifecycle.weak_gate(self)
+        self._warned_not_training = False
         self._ready = True
         self._pair_layers()
+        #: undoes the buffer updates (BatchNorm statistics) of a skipped step
+        self._buffer_guard = BufferGuard(model)
+        # a dropped optimizer's hooks go with it (neither the backend nor the guard references
+        # the optimizer)
+        self._finalizer = weakref.finalize(self, _detach, self.backend, self._buffer_guard)
 
     # -- assembly ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_new_parameters(param_group, self.model, len(self.param_groups))
         for key in ("lr", "beta", "weight_decay"):
             if key in param_group:
                 bounds = {"lr": (0.0, None), "beta": (0.0, 1.0), "weight_decay": (0.0, None)}[key]
@@ -177,7 +241,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     f"param_group[{key!r}]", param_group[key], *bounds, high_inclusive=key != "beta"
                 )
         super().add_param_group(param_group)
-        if getattr(self, "_ready", False):
+        if getattr(self, "_ready", False) and not self._closed:
             self._pair_layers()
 
     def _trainable(self) -> list[nn.Parameter]:
@@ -194,20 +258,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._terms_cache = (None, None)  # products are per layer record
         if self.estimator.structure == "elementwise":  # every parameter has its own curvature
             self.layers, self._fallback, self._shared = [], [], set()
+            self._fallback_tensors: list[Tensor] = []
             self._layer_by_name = {}
             return
         captured = {r.name for r in getattr(self, "layers", []) if r.captured}
-        self.layers, self._fallback = pair_parameters(self.model, self.adapters, self._trainable())
+        lifecycle.release(self, [r.module for r in getattr(self, "layers", [])])
+        trainable = self._trainable()
+        self.layers, self._fallback = pair_parameters(self.model, self.adapters, trainable)
+        claimed = {id(p) for r in self.layers for p in r.params.values()}
+        # the same order as self._fallback (pair_parameters walks ``trainable``)
+        self._fallback_tensors = [p for p in trainable if id(p) not in claimed]
         self._layer_by_name = {r.name: r for r in self.layers}
         for record in self.layers:  # re-pairing (add_param_group) keeps what was captured
             record.captured = record.name in captured
-        uses: dict[int, int] = {}
         for record in self.layers:
             record.structure = self.estimator.layer_structure(record.adapter)
-            for p in record.params.values():
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        self._shared = {key for key, n in uses.items() if n > 1}
+        self._shared = shared_parameters(self.layers)
         if not self.layers and not self._allow_no_supported_layer:
+            check_parameters_belong_to(self.model, self._trainable())
             supported = ", ".join(t.__name__ for a in self.adapters for t in a.module_types)
             raise ValueError(
                 f"the model has no layer that the adapters "
@@ -215,18 +283,63 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"support (supported module types: {supported}); pass "
                 f"allow_no_supported_layer=True to train every parameter with identity curvature"
             )
-        self.backend.attach(self.layers, self.estimator, self._is_capturing, model=self.model)
+        self.fallback.check(self._fallback)
+        taken = (
+            lifecycle.claim(self, [(r.name, r.module) for r in self.layers])
+            if self._exclusive
+            else []
+        )
+        if taken:
+            warnings.warn(
+                lifecycle.replaced_message(type(self).__name__, taken),
+                lifecycle.OptimizerReplacedWarning,
+                stacklevel=3,
+            )
+        self.backend.attach(self.layers, self.estimator, self._capture_gate, model=self.model)
         if self._fallback and self._warn_on_fallback:
             listing = "\n  ".join(map(str, self._fallback))
             warnings.warn(
-                f"{len(self._fallback)} trainable parameter(s) get identity curvature "
-                f"(F = {'1 + λ' if self.damp_fallback else '1'}):\n  {listing}",
+                f"{len(self._fallback)} trainable parameter(s) have no layer curvature and get "
+                f"{self._fallback_description()}:\n  {listing}\n{FALLBACK_FIXES}",
                 CurvatureFallbackWarning,
                 stacklevel=3,
             )
 
+    def _fallback_description(self) -> str:
+        name = getattr(type(self.fallback), "plugin_name", type(self.fallback).__name__)
+        constant = "1 + λ" if self.damp_fallback else "1"
+        return f"the {name!r} fallback rule: {self.fallback.describe(constant)}"
+
     def _is_capturing(self) -> bool:
         return self._capture_active and not self._capture_paused
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook this optimizer installed on the model and drop its statistics and
+        reused buffers (idempotent). Parameters, ``state`` and ``state_dict()`` stay readable;
+        ``step()`` raises afterwards. Also happens when the optimizer is garbage-collected, and
+        when a newer curvlab optimizer is built on the same layers (with a warning)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        _detach(self.backend, self._buffer_guard)
+        for record in self.layers:
+            record.clear()
+        lifecycle.release(self, [r.module for r in self.layers])
+        self._workspace = Workspace()
+        self._terms_cache = (None, None)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (explicitly, or because a newer optimizer took over)."""
+        return self._closed
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Keep factors in the units of the unscaled loss under ``torch.amp.GradScaler``.
@@ -256,22 +369,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- introspection ----------------------------------------------------------------------------
     def fallback_parameters(self) -> list[FallbackParameter]:
-        """Trainable parameters that get identity curvature, each with the reason."""
-        out = list(self._fallback)
+        """Trainable parameters without layer curvature (the fallback rule applies), each with
+        the reason."""
+        return [entry for entry, _ in self._uncovered()]
+
+    def _uncovered(self) -> list[tuple[FallbackParameter, Tensor]]:
+        """Parameters without an adapter, then (once any layer was captured) the parameters of
+        paired layers that never were."""
+        out = list(zip(self._fallback, self._fallback_tensors))
         if self._seen_capture:
             for record in self.layers:
                 if not record.captured:
                     for role, p in record.params.items():
-                        out.append(
-                            FallbackParameter(
-                                f"{record.name}.{role}",
-                                tuple(p.shape),
-                                "its layer never ran a captured forward/backward (e.g. its weight "
-                                "is used functionally, as nn.MultiheadAttention does with "
-                                "out_proj)",
-                            )
+                        entry = FallbackParameter(
+                            f"{record.name}.{role}",
+                            tuple(p.shape),
+                            "its layer never ran a captured forward/backward (e.g. its weight "
+                            "is used functionally, as nn.MultiheadAttention does with "
+                            "out_proj)",
                         )
+                        out.append((entry, p))
         return out
+
+    def coverage(self) -> Coverage:
+        """Per layer and per fallback parameter: the adapter or fallback rule and the number of
+        elements, and the share of trainable elements with layer curvature (docs/layers.md).
+
+        Before the first curvature step every paired layer counts as covered; afterwards a
+        layer that was never captured counts as fallback (see :meth:`fallback_parameters`).
+        """
+        trainable = self._trainable()
+        total = sum(p.numel() for p in trainable)
+        if self.estimator.structure == "elementwise":
+            name = getattr(type(self.estimator), "plugin_name", type(self.estimator).__name__)
+            return Coverage((), (), total, total, "", elementwise=name)
+        trainable_ids = {id(p) for p in trainable}
+        rule = getattr(type(self.fallback), "plugin_name", type(self.fallback).__name__)
+        uncovered = self._uncovered()
+        uncovered_ids = {id(p) for _, p in uncovered}
+        layers = tuple(
+            LayerCoverage(
+                record.name,
+                type(record.module).__name__,
+                adapter_name(record.adapter),
+                sum(p.numel() for p in record.params.values() if id(p) in trainable_ids),
+            )
+            for record in self.layers
+            if not (self._seen_capture and not record.captured)
+        )
+        fallback = tuple(
+            FallbackCoverage(entry.name, entry.shape, p.numel(), rule, entry.reason)
+            for entry, p in uncovered
+            if id(p) in trainable_ids
+        )
+        covered = sum(p.numel() for p in trainable if id(p) not in uncovered_ids)
+        return Coverage(layers, fallback, covered, total, rule)
 
     def preconditioner(self, param: Tensor) -> Tensor:
         """The current diagonal preconditioner ``F`` of ``param`` (damping included)."""
@@ -361,6 +513,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     out[id(p)] = F
         return out
 
+    def _fallback_curvature(self) -> dict[int, Tensor]:
+        """The fallback policy's curvature of each parameter without layer curvature."""
+        out = {}
+        for _, p in self._uncovered():
+            F = self.fallback.curvature(p, self.state.get(p, {}), self.normalizer)
+            if F is not None:
+                out[id(p)] = F
+        return out
+
+    def _update_fallback(self, ok: Tensor) -> None:
+        """Fold this curvature step into the fallback policy's per-parameter state."""
+        params, grads, states = [], [], []
+        for _, p in self._uncovered():
+            if p.grad is not None and p in self.state:
+                params.append(p)
+                grads.append(p.grad)
+                states.append(self.state[p])
+        if params:
+            self.fallback.update(params, grads, states, ok, self.gamma)
+
     def _make_preconditioner(self) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
         # the diagonal layers' products view the packed factors, which are refreshed in place:
@@ -378,6 +550,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._workspace,
             cached=cached,
             stable_storages=self._diagonal.storages(),
+            fallback_curvature=self._fallback_curvature(),
         )
         self._terms_cache = (key, precond.cached_terms)
         return precond
@@ -508,14 +681,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 state["curvature_steps"].add_(okf)
 
     def _warn_uncaptured_once(self) -> None:
-        if self._warned_uncaptured or not self._warn_on_fallback:
+        if self._warned_uncaptured:
             return
         self._warned_uncaptured = True
         missing = [r.name for r in self.layers if not r.captured]
         if missing:
+            self.fallback.check(self.fallback_parameters()[len(self._fallback) :])
+        if missing and self._warn_on_fallback:
             warnings.warn(
                 f"layers with supported types but no statistics in the first curvature step that "
-                f"captured any layer get identity curvature until they are captured: "
+                f"captured any layer get {self._fallback_description()} until they are "
+                f"captured: "
                 f"{', '.join(missing)} "
                 f"(see fallback_parameters())",
                 CurvatureFallbackWarning,
@@ -525,6 +701,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
         """One optimizer step (optionally re-evaluating the loss with ``closure``)."""
+        if self._closed:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): this optimizer is closed (close(), the end of a "
+                f"`with` block, or a newer curvlab optimizer built on the same model took over "
+                f"its layers); build a new one"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -557,17 +739,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         if self._capture_active:
             self.backend.collect()
+            warn_if_nothing_captured(self, all_grads)
         stats, ok = self._reduce_statistics(all_grads, device)
         if stats and not self._seen_capture:
             self._seen_capture = True
             self._warn_uncaptured_once()
         if stats:
             self._update_factors(stats, ok)
+        if self._capture_active:
+            self._update_fallback(ok)
         if self.estimator.structure == "elementwise" and self._capture_active:
             self._update_elementwise(work, ok)
         self._refresh_solver()
 
         self.update_rule.update(work, self._make_preconditioner(), ok)
+        self._buffer_guard.restore(ok)
 
         self._skipped += (~ok).to(torch.int64)
         self._step += 1
@@ -640,10 +826,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             p = params[index]
             for key, value in state.items():
-                if (
-                    key not in ("step", "curvature_steps")
-                    and isinstance(value, Tensor)
-                    and value.shape != p.shape
+                if (  # 0-dim entries are counters and flags (step, curvature_steps, ...)
+                    isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape
                 ):
                     raise ValueError(
                         f"load_state_dict: state {key!r} of parameter {index} has shape "
@@ -681,9 +865,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 update_rule=self.update_rule,
                 reducer=self.reducer,
                 backend=self.backend,
+                fallback=self.fallback,
                 ema=self.ema,
                 gamma=self.gamma,
                 curvature_interval=self.curvature_interval,
             ).items()
         )
         return f"{type(self).__name__}({parts})"
+

@@ -19,6 +19,7 @@ from torch import Tensor
 from curvlab.interfaces.update import Preconditioner
 from curvlab.kronecker import KroneckerOperator, solve_all, split_pi
 from curvlab.layers import LayerRecord
+from curvlab.regions import rows_of, span, tiles, uncovered_parameters
 
 __all__ = ["CurvaturePreconditioner", "LayerFactors", "Workspace", "split_pi"]
 
@@ -64,16 +65,18 @@ class _Divisor(NamedTuple):
 class Term(NamedTuple):
     """One term of a diagonal curvature: ``left * right`` (right None: left alone), viewed
     as ``shape`` (their broadcast shape, computed once: ``torch.broadcast_shapes`` costs more
-    than the product for small layers)."""
+    than the product for small layers); ``region``: the rows of the parameter it covers (a
+    block of a packed parameter, ``LayerAdapter.regions``), None for the whole parameter."""
 
     left: Tensor
     right: Tensor | None
     shape: tuple[int, ...]
+    region: slice | None = None
 
     @classmethod
-    def of(cls, left: Tensor, right: Tensor | None) -> Term:
+    def of(cls, left: Tensor, right: Tensor | None, region: slice | None = None) -> Term:
         if right is None:
-            return cls(left, None, tuple(left.shape))
+            return cls(left, None, tuple(left.shape), region)
         a, b = tuple(left.shape), tuple(right.shape)
         n = max(len(a), len(b))
         a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
@@ -82,7 +85,7 @@ class Term(NamedTuple):
             y not in (1, x) for x, y in zip(shape, b)
         ):
             raise ValueError(f"curvature terms of shapes {a} and {b} do not broadcast")
-        return cls(left, right, shape)
+        return cls(left, right, shape, region)
 
 
 def uses_curvature_terms(adapter: object) -> bool:
@@ -110,7 +113,9 @@ class CurvaturePreconditioner(Preconditioner):
 
     Sources, in order: an elementwise curvature (``elementwise`` estimators), the layers'
     factors (diagonal: summed over every layer that uses the parameter; banded/full: one joint
-    solve of weight and bias per layer), identity (``fallback_value``) for the rest. A parameter
+    solve of weight and bias per layer), the fallback policy's curvature of a parameter without
+    layer curvature (``fallback_curvature``, undamped: damped here like the layers'), the
+    constant ``fallback_value`` for the rest. A parameter
     shared by several layers uses the diagonals of their factors (summed), whatever the
     structure.
     """
@@ -127,8 +132,10 @@ class CurvaturePreconditioner(Preconditioner):
         workspace: Workspace | None = None,
         cached: CachedTerms | None = None,
         stable_storages: frozenset[int] = frozenset(),
+        fallback_curvature: dict[int, Tensor] | None = None,
     ) -> None:
         self.damping = damping
+        self.fallback_curvature = fallback_curvature or {}
         self.mode = mode
         self.fallback_value = fallback_value
         self.elementwise = elementwise
@@ -138,6 +145,9 @@ class CurvaturePreconditioner(Preconditioner):
         volatile: dict[int, list[Term]] = {}
         volatile_layers: set[str] = set()
         derived: list[tuple[LayerRecord, Tensor, Tensor]] = []
+        #: packed parameters with rows that no layer with factors covers yet (a block not
+        #: captured so far): identity curvature for the whole parameter until it is covered
+        self.incomplete = uncovered_parameters(layers, layer_factors)
         for record in layers:
             factors = layer_factors.get(record.name)
             if factors is None:
@@ -177,6 +187,8 @@ class CurvaturePreconditioner(Preconditioner):
         for record, H, S in derived:
             for key, term in self._layer_terms(record, H, S):
                 self.terms.setdefault(key, []).append(term)
+        for key in self.incomplete:
+            self.terms.pop(key, None)
 
     def _layer_terms(self, record: LayerRecord, H: Tensor, S: Tensor) -> list[tuple[int, Term]]:
         """(parameter id, product) of every role of one layer."""
@@ -189,7 +201,10 @@ class CurvaturePreconditioner(Preconditioner):
             terms = adapter.curvature_terms(module, H, S)
         else:  # a plugin that maps factors onto parameters itself
             terms = {r: (v, None) for r, v in adapter.curvature(module, H, S).items()}
-        return [(id(record.params[role]), Term.of(l, r)) for role, (l, r) in terms.items()]
+        return [
+            (id(record.params[role]), Term.of(l, r, record.regions.get(role)))
+            for role, (l, r) in terms.items()
+        ]
 
     @staticmethod
     def _diag_of(operator: KroneckerOperator) -> tuple[Tensor, Tensor]:
@@ -201,7 +216,9 @@ class CurvaturePreconditioner(Preconditioner):
     @staticmethod
     def _write_terms(out: Tensor, terms: list[Term], scale: Tensor | None = None) -> Tensor:
         """``out = scale · Σ left * right`` (in place, viewed as each term's broadcast shape)."""
-        for k, (left, right, shape) in enumerate(terms):
+        if any(t.region is not None for t in terms):
+            return CurvaturePreconditioner._write_region_terms(out, terms, scale)
+        for k, (left, right, shape, _) in enumerate(terms):
             if scale is not None:
                 left = left * scale  # small: a factor vector, not the parameter
             view = out.view(shape)
@@ -209,6 +226,33 @@ class CurvaturePreconditioner(Preconditioner):
                 view.copy_(left) if k == 0 else view.add_(left)
             else:
                 torch.mul(left, right, out=view) if k == 0 else view.addcmul_(left, right)
+        return out
+
+    @staticmethod
+    def _write_region_terms(out: Tensor, terms: list[Term], scale: Tensor | None) -> Tensor:
+        """:meth:`_write_terms` for a packed parameter: a term with a region writes its rows.
+        Regions that tile the rows (each block, possibly several times when tied): the first
+        term of each region writes it; anything else (partial overlaps, a term on the whole
+        parameter too): zero, then every term adds."""
+        rows = out.shape[0]
+        written: set[tuple[int, int] | None] = set()
+        if not tiles([t.region for t in terms], rows):
+            out.zero_()
+            written = {None} | {span(t.region, rows) for t in terms if t.region is not None}
+        for left, right, shape, region in terms:
+            if scale is not None:
+                left = left * scale
+            rows_span = None if region is None else span(region, rows)
+            if rows_span is None:
+                view = out.view(shape)
+            else:
+                view = out[rows_span[0] : rows_span[1]].view(shape)
+            first = rows_span not in written
+            written.add(rows_span)
+            if right is None:
+                view.copy_(left) if first else view.add_(left)
+            else:
+                torch.mul(left, right, out=view) if first else view.addcmul_(left, right)
         return out
 
     def _terms_dtype(self, key: int) -> torch.dtype:
@@ -246,6 +290,14 @@ class CurvaturePreconditioner(Preconditioner):
 
     def _fallback_denominator(self, power: float) -> float:
         return self.fallback_value**power
+
+    def _single_denominator(self, F: Tensor, power: float) -> Tensor:
+        """:meth:`_denominator` of a curvature that is not a Kronecker product (a fallback
+        policy's): factored damping, which splits λ between two factors, adds λ after it."""
+        if self.mode == "factored":
+            F = F + self.damping
+            return F if power == 1.0 else F.pow_(power)
+        return self._denominator(F, power)
 
     # -- Preconditioner API --------------------------------------------------------------------
     def solve(
@@ -340,6 +392,10 @@ class CurvaturePreconditioner(Preconditioner):
             return den if divisor is None else den.mul_(divisor.value)
         if id(param) in self.terms:
             return self._diagonal_denominator(param, power, divisor)
+        F = self.fallback_curvature.get(id(param))
+        if F is not None:
+            den = self._single_denominator(F, power)
+            return den if divisor is None else den.mul_(divisor.value)
         return None
 
     def _solve_joint(
@@ -348,20 +404,33 @@ class CurvaturePreconditioner(Preconditioner):
         index = {id(p): i for i, p in enumerate(params)}
         jobs, operators, matrices = [], [], []
         for record, operator in self.joint:
-            roles = {r: index[id(p)] for r, p in record.params.items() if id(p) in index}
+            roles = {
+                r: index[id(p)]
+                for r, p in record.params.items()
+                if id(p) in index and id(p) not in self.incomplete
+            }
             if not roles:
                 continue
+            regions = record.regions
             matrix = record.adapter.to_matrix(
-                record.module, {r: tensors[i] for r, i in roles.items()}
+                record.module, {r: rows_of(tensors[i], regions.get(r)) for r, i in roles.items()}
             )
             jobs.append((record, roles))
             operators.append(operator)
             matrices.append(matrix.to(operator.dtype))
         # layers whose operators share a batch (equal shapes) are solved as one
         for (record, roles), solved in zip(jobs, solve_all(operators, matrices, power)):
+            regions = record.regions
             pieces = record.adapter.from_matrix(record.module, solved)
             for role, i in roles.items():
-                out[i] = pieces[role].to(tensors[i].dtype)
+                piece = pieces[role].to(tensors[i].dtype)
+                region = regions.get(role)
+                if region is None:
+                    out[i] = piece
+                else:  # one block of a packed parameter: the other blocks fill the other rows
+                    if out[i] is None:
+                        out[i] = torch.empty_like(tensors[i])
+                    out[i][region] = piece
 
     def dense_diagonal(self, param: Tensor) -> Tensor:
         """diag(F), damping included, such that the update divides by ``F^p`` — except with
@@ -372,11 +441,26 @@ class CurvaturePreconditioner(Preconditioner):
                 torch.empty(param.shape, dtype=self._terms_dtype(id(param)), device=param.device),
                 self.terms[id(param)],
             )
-        if F is None:
+        if F is None and id(param) not in self.incomplete:
+            found = None
             for record, factors in self.joint:
                 for role, p in record.params.items():
                     if p is param:
-                        return self._joint_diagonal(record, factors)[role]
+                        piece = self._joint_diagonal(record, factors)[role]
+                        region = record.regions.get(role)
+                        if region is None:
+                            return piece
+                        if found is None:
+                            found = torch.empty(param.shape, dtype=piece.dtype, device=piece.device)
+                        found[region] = piece
+            if found is not None:
+                return found
+        if F is None:
+            F = self.fallback_curvature.get(id(param))
+            if F is not None:
+                if self.mode == "after_root":
+                    return F
+                return F + self.damping  # after the product, also for factored damping
             return torch.full_like(
                 param, self.fallback_value, dtype=torch.promote_types(param.dtype, torch.float32)
             )

@@ -53,7 +53,9 @@ class AdaFisher(CurvatureOptimizer):
         curvature_interval: capture and fold in statistics every k steps.
         variant: ``"paper"`` or ``"official"``.
         params: parameters or param groups (default: the model's trainable parameters).
-        **parts: any other :class:`CurvatureOptimizer` argument (plugins, ema, ...).
+        **parts: any other :class:`CurvatureOptimizer` argument (plugins, ema, ...), e.g.
+            ``fallback="squared_gradient"`` for the parameters that no layer adapter covers
+            (default ``"identity"``: ``F = 1 + λ``, official ``F = 1``; docs/layers.md).
     """
 
     decoupled_weight_decay = False

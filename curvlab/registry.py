@@ -26,7 +26,16 @@ import gin
 T = TypeVar("T")
 
 #: The plugin kinds and the interface each one implements (filled in by ``curvlab.interfaces``).
-KINDS = ("adapters", "estimators", "normalizers", "damping", "updates", "reducers", "backends")
+KINDS = (
+    "adapters",
+    "estimators",
+    "normalizers",
+    "damping",
+    "updates",
+    "reducers",
+    "backends",
+    "fallbacks",
+)
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 #: gin-configurable twins (subclasses made by gin; the registered classes stay untouched)
@@ -108,8 +117,11 @@ def lookup(kind: str, name: str) -> type:
     try:
         return _REGISTRY[kind][name]
     except KeyError:
+        from curvlab.validation import did_you_mean
+
         raise UnknownPluginError(
-            f"unknown {kind} plugin {name!r}; registered {kind}: {', '.join(names)}"
+            f"unknown {kind} plugin {name!r}{did_you_mean(name, names)}; "
+            f"registered {kind}: {', '.join(names)}"
         ) from None
 
 

@@ -39,7 +39,6 @@ import csv
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -53,8 +52,13 @@ from typing import Any
 import gin
 
 from curvlab.config import resolve_config
+from curvlab.experiments.grid_names import (  # noqa: F401 - NAME is part of this interface
+    NAME,
+    check_variant_names,
+    duplicate_variant_names,
+)
+from curvlab.validation import ConfigError, check_positive_int
 
-NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 #: per-run columns of results.csv (after variant, seed, status)
 METRICS = ("epoch", "train_loss", "test_loss", "test_accuracy", "train_time_s", "time_s")
 #: (column, title, scale, digits) of results.md
@@ -91,7 +95,8 @@ class Run:
         cmd = [sys.executable, "-m", "curvlab", "run", self.config]
         for b in self.bindings:
             cmd += ["--bind", b]
-        return [*cmd, "--out", str(self.out), "--quiet"]
+        # a cell runs only when it is unfinished or stale: what is in its folder is replaced
+        return [*cmd, "--overwrite", "--out", str(self.out), "--quiet"]
 
     def record(self) -> dict[str, Any]:
         """What identifies the run (stored as run.json; a change makes the run stale)."""
@@ -121,11 +126,8 @@ class Grid:
     def __post_init__(self) -> None:
         if not self.variants:
             raise ValueError("ablate.variants is empty: name at least one variant")
+        check_variant_names(self.variants)
         for name, items in self.variants.items():
-            if not NAME.match(name):
-                raise ValueError(
-                    f"variant name {name!r} must match {NAME.pattern} (it names a directory)"
-                )
             if isinstance(items, str):
                 raise ValueError(
                     f"variant {name!r}: give a list of items, not the string {items!r}"
@@ -190,6 +192,13 @@ def load_grid(path: str | os.PathLike, bindings: Sequence[str] = ()) -> Grid:
 
     try:
         config = parse_config(path, bindings)
+        if config is not None:
+            duplicates = duplicate_variant_names(config.read_text(), bindings)
+            if duplicates:
+                raise ConfigError(
+                    f"{path}: ablate.variants names {', '.join(map(repr, duplicates))} more than "
+                    f"once; a later entry would silently replace the earlier one: rename them"
+                )
         return grid(directory=config.parent if config else None)
     finally:
         gin.clear_config()
@@ -469,11 +478,16 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    check_positive_int("--jobs", args.jobs)
+    if args.threads is not None:
+        check_positive_int("--threads", args.threads)
     grid_ = load_grid(args.grid, args.bind)
     stem = Path(args.grid).stem
     out = Path(args.out) if args.out else Path("runs") / "ablate" / stem
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the output directory {out}: {err.strerror}") from None
     runs = grid_.runs(out, args.run_bind)
     outcomes = [] if args.report_only else run_grid(
         runs, args.jobs, args.quiet, args.force, args.threads

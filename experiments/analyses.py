@@ -332,7 +332,7 @@ def diagonal_concentration(
     # same model, lr = 0: only folds full factors into its EMA (γ as AdaFisher's), never moves θ
     shadow = curvlab.CurvatureOptimizer(
         model, lr=0.0, gamma=opt.gamma, estimator="full", normalizer="identity",
-        inverse_interval=10**9, warn_on_fallback=False,
+        inverse_interval=10**9, warn_on_fallback=False, exclusive=False,
     )
     layers = kronecker_layers(model)
     ckpts = checkpoint_steps(steps, checkpoints)
@@ -1015,6 +1015,7 @@ def curvature_range(
             probe = curvlab.CurvatureOptimizer(
                 model, lr=0.0, gamma=0.0, adapters=OFFICIAL_ADAPTERS, normalizer="identity",
                 curvature_interval=interval, damp_fallback=False, warn_on_fallback=False,
+                exclusive=False,
             )
         index = batches(len(data.x_train), batch_size, seed)
         s = {"steps": [], "interval": interval, "loss": [], "layers": {}}

@@ -155,6 +155,18 @@ def _gpt(
     )
 
 
+def _gpt_mha(batch: int, tokens: int, d_model: int, heads: int, layers: int = 4) -> Workload:
+    """``_gpt``'s sizes, built from nn.TransformerEncoderLayer (nn.MultiheadAttention) blocks."""
+    from curvlab.experiments.models import transformer_gpt
+
+    work = _gpt(batch, tokens, d_model, heads, layers)
+    work.description = work.description.replace("GPT", "GPT of nn.TransformerEncoderLayer", 1)
+    work.build = lambda: transformer_gpt(
+        vocab_size=256, context=tokens, d_model=d_model, n_layers=layers, n_heads=heads
+    )
+    return work
+
+
 #: model → size per device kind ("cuda": the SPEC §6 sizes; "cpu": smaller; "quick": tests)
 WORKLOADS: dict[str, dict[str, Callable[[], Workload]]] = {
     "mlp": {
@@ -176,6 +188,11 @@ WORKLOADS: dict[str, dict[str, Callable[[], Workload]]] = {
         "cuda": lambda: _gpt(32, 128, 512, 8),
         "cpu": lambda: _gpt(8, 64, 256, 4),
         "quick": lambda: _gpt(2, 16, 32, 2, layers=2),
+    },
+    "gpt_mha": {
+        "cuda": lambda: _gpt_mha(32, 128, 512, 8),
+        "cpu": lambda: _gpt_mha(8, 64, 256, 4),
+        "quick": lambda: _gpt_mha(2, 16, 32, 2, layers=2),
     },
 }
 

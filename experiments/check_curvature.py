@@ -350,6 +350,8 @@ def load_plugin(spec: str) -> None:
     """Import a plugin file (``path/to/plugin.py``) or module (``pkg.module``) so it registers."""
     if spec.endswith(".py") or Path(spec).is_file():
         path = Path(spec).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--plugin {spec}: no such file ({path})")
         name = f"curvlab_user_plugin_{path.stem}"
         if name in sys.modules:
             return
@@ -447,6 +449,12 @@ def setup(
 
 
 def main(args: argparse.Namespace) -> int:
+    from curvlab.validation import check_positive_int, check_range
+
+    if args.batch_size is not None:
+        check_positive_int("--batch-size", args.batch_size)
+    if args.tol is not None:
+        check_range("--tol", args.tol, 0.0, low_inclusive=False)
     for spec in args.plugin:
         load_plugin(spec)
     dtype = getattr(torch, args.dtype)

@@ -22,7 +22,13 @@ uses one thread. Both clocks are recorded in every row (``train_time_s``, ``trai
 is the 1-minute load average.
 
 Outputs in ``out_dir`` (as :func:`curvlab.experiments.train.train`): ``metrics.jsonl`` (one
-line per evaluation), ``summary.json`` (written last) and ``operative_config.gin``.
+line per evaluation), ``summary.json`` (written last) and ``operative_config.gin``; a directory
+that already holds a run is refused unless ``--overwrite``. ``checkpoint_every = k`` saves
+``checkpoint.pt`` every k steps through the same module as ``train``
+(:mod:`curvlab.experiments.checkpoint`: atomic, ``weights_only`` loading); ``resume`` continues
+from it (``True``: ``out_dir/checkpoint.pt``; or a path) and refuses changed settings. Rows and
+the summary count ``skipped_steps``; a run whose every step was skipped, or whose final
+validation loss is not finite, ends with :class:`~curvlab.experiments.rundir.RunFailed`.
 """
 
 from __future__ import annotations
@@ -39,81 +45,39 @@ from typing import Any
 import gin
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from curvlab.config import make_optimizer
 from curvlab.experiments import models as _models  # noqa: F401 - registers @models.*
-from curvlab.experiments import train as _train  # noqa: F401 - registers @baselines.*
+from curvlab.experiments import rundir
+from curvlab.experiments import train as _train  # registers @baselines.*
+from curvlab.experiments.checkpoint import (
+    changed_bindings,
+    config_bindings,
+    load_checkpoint,
+    restore,
+    resume_path,
+    save_checkpoint,
+)
 from curvlab.experiments.data import stdlib_corpus as _corpus  # noqa: F401 - @data.stdlib_corpus
 from curvlab.experiments.data.stdlib_corpus import corpus_info
+from curvlab.experiments.lm_windows import (  # noqa: F401 - re-exported
+    LN2,
+    eval_starts,
+    evaluate_lm,
+    lm_metrics,
+    sample_batch,
+    windows,
+)
+from curvlab.validation import check_choice, check_int, check_positive_int, check_range
 
-LN2 = math.log(2.0)
 SCHEDULES = ("constant", "cosine")
-
-
-def windows(stream: Tensor, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Inputs ``stream[s : s+length]`` and targets ``stream[s+1 : s+length+1]`` (int64)."""
-    idx = starts[:, None] + torch.arange(length + 1)
-    chunk = stream[idx].long()
-    return chunk[:, :-1], chunk[:, 1:]
-
-
-def sample_batch(
-    stream: Tensor, batch_size: int, context: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``batch_size`` random contiguous windows (start positions uniform, seeded)."""
-    high = len(stream) - context - 1
-    if high <= 0:
-        raise ValueError(f"training stream of {len(stream)} tokens is shorter than context+1")
-    starts = torch.randint(0, high + 1, (batch_size,), generator=generator)
-    return windows(stream, starts, context)
-
-
-def eval_starts(n_tokens: int, context: int, max_tokens: int | None) -> Tensor:
-    """Start positions of non-overlapping windows; with ``max_tokens``, an evenly spaced subset
-    of about ``max_tokens // context`` of them (deterministic)."""
-    n_windows = (n_tokens - 1) // context
-    if n_windows <= 0:
-        raise ValueError(f"evaluation stream of {n_tokens} tokens is shorter than context+1")
-    all_starts = torch.arange(n_windows) * context
-    if max_tokens is None or max_tokens >= n_windows * context:
-        return all_starts
-    k = max(1, max_tokens // context)
-    pick = torch.linspace(0, n_windows - 1, k).round().long().unique()
-    return all_starts[pick]
-
-
-def evaluate_lm(
-    model: nn.Module,
-    stream: Tensor,
-    context: int,
-    max_tokens: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> tuple[float, int]:
-    """(mean loss in nats per predicted token, number of predicted tokens)."""
-    starts = eval_starts(len(stream), context, max_tokens)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(starts), batch_size):
-            x, y = windows(stream, starts[i : i + batch_size], context)
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-            ).item()
-            count += y.numel()
-    model.train(was_training)
-    return total / count, count
-
-
-def lm_metrics(prefix: str, loss: float, bytes_per_token: float | None) -> dict[str, float]:
-    out = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
-    if bytes_per_token:
-        out[f"{prefix}_bpb"] = loss / LN2 / bytes_per_token
-    return out
+#: lm.train_lm settings a resumed run may change (``steps`` only with a constant schedule)
+MAY_CHANGE_ON_RESUME = tuple(
+    ("train_lm", name)
+    for name in ("resume", "checkpoint_every", "num_threads", "device", "time_budget_s",
+                 "budget_clock")
+)
 
 
 def _build_model(model: Callable[..., nn.Module], vocab_size: int) -> nn.Module:
@@ -140,7 +104,7 @@ def _describe_optimizer(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
-@gin.configurable(module="lm", denylist=["out_dir", "quiet"])
+@gin.configurable(module="lm", denylist=["out_dir", "quiet", "overwrite"])
 def train_lm(
     model: Callable[..., nn.Module] = gin.REQUIRED,
     data: Callable[[], Any] = gin.REQUIRED,
@@ -161,8 +125,11 @@ def train_lm(
     eval_batch_size: int = 64,
     evaluate_test: bool = True,
     num_threads: int | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | str = False,
     out_dir: str | None = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``model()`` on ``data()`` with ``optimizer(model)``; return the final summary.
 
@@ -173,14 +140,28 @@ def train_lm(
     norm (curvature statistics are captured before clipping). ``eval_every`` / ``eval_tokens`` /
     ``final_eval_tokens``: see the module docstring; ``evaluate_test=False`` leaves the test
     split untouched (learning-rate sweeps select on validation only). ``num_threads``: torch
-    intra-op threads for the run (restored afterwards).
+    intra-op threads for the run (restored afterwards). ``checkpoint_every`` / ``resume`` /
+    ``overwrite``: see the module docstring.
     """
-    if budget_clock not in ("wall", "cpu"):
-        raise ValueError(f"lm.train_lm.budget_clock must be 'wall' or 'cpu', got {budget_clock!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lm.train_lm.schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if steps < 1 or eval_every < 1:
-        raise ValueError("lm.train_lm.steps and eval_every must be positive")
+    check_choice("lm.train_lm.budget_clock", budget_clock, ("wall", "cpu"))
+    check_choice("lm.train_lm.schedule", schedule, SCHEDULES)
+    for key, value in (("steps", steps), ("eval_every", eval_every), ("batch_size", batch_size),
+                       ("eval_batch_size", eval_batch_size)):
+        check_positive_int(f"lm.train_lm.{key}", value)
+    for key, value in (("context", context), ("num_threads", num_threads),
+                       ("eval_tokens", eval_tokens), ("final_eval_tokens", final_eval_tokens),
+                       ("checkpoint_every", checkpoint_every)):
+        if value is not None:
+            check_positive_int(f"lm.train_lm.{key}", value)
+    check_int("lm.train_lm.seed", seed, 0)
+    check_int("lm.train_lm.warmup_steps", warmup_steps, 0)
+    for key, value in (("time_budget_s", time_budget_s), ("grad_clip", grad_clip)):
+        if value is not None:
+            check_range(f"lm.train_lm.{key}", value, 0.0)
+    _train.check_device("lm.train_lm.device", device)
+    if checkpoint_every is not None and out_dir is None:
+        raise ValueError("lm.train_lm.checkpoint_every needs an output directory: give --out DIR")
+    resume_from = resume_path(resume, out_dir, "lm.train_lm.resume")
     threads_before = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -189,6 +170,7 @@ def train_lm(
             model, data, optimizer, steps, time_budget_s, budget_clock, batch_size, context,
             seed, device, warmup_steps, schedule, grad_clip, eval_every, eval_tokens,
             final_eval_tokens, eval_batch_size, evaluate_test, out_dir, quiet,
+            checkpoint_every, resume_from, overwrite,
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -204,10 +186,18 @@ def _loadavg() -> float | None:
 def _train_lm(
     model, data, optimizer, steps, time_budget_s, budget_clock, batch_size, context, seed,
     device, warmup_steps, schedule, grad_clip, eval_every, eval_tokens, final_eval_tokens,
-    eval_batch_size, evaluate_test, out_dir, quiet,
+    eval_batch_size, evaluate_test, out_dir, quiet, checkpoint_every=None, resume_from=None,
+    overwrite=False,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    state = load_checkpoint(resume_from, map_location=device, kind="lm") if resume_from else None
+    out = None
+    if out_dir:
+        in_place = resume_from is not None and resume_from.resolve() == (
+            Path(out_dir) / rundir.CHECKPOINT
+        ).resolve()
+        out = rundir.prepare(out_dir, keep=in_place, overwrite=overwrite)
     torch.manual_seed(seed)
     corpus = data()
     info = corpus_info(corpus)
@@ -237,12 +227,6 @@ def _train_lm(
     generator = torch.Generator().manual_seed(seed)
     train_stream, valid_stream, test_stream = corpus.train, corpus.valid, corpus.test
 
-    out = Path(out_dir) if out_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        (out / "summary.json").unlink(missing_ok=True)  # present only once a run has finished
-
     header = dict(
         corpus=info,
         n_params=n_params,
@@ -255,19 +239,41 @@ def _train_lm(
         **_describe_optimizer(opt),
     )
     load_start = _loadavg()
-    start = time.perf_counter()
     train_time = train_cpu = 0.0
     loss_sum = torch.zeros((), device=device)
+    loss_n = torch.zeros((), device=device)  # steps whose loss was finite
     loss_count = 0
     rows: list[dict[str, Any]] = []
+    first_step = 1
+    if state is not None:
+        may_change = MAY_CHANGE_ON_RESUME + ((("train_lm", "steps"),) if schedule == "constant"
+                                             else ())
+        changed = changed_bindings(state["config"], config_bindings(), may_change)
+        if changed:
+            raise ValueError(
+                f"cannot resume from {resume_from}: it was saved with other settings "
+                f"({'; '.join(changed)}). A resumed run continues the same run; start a new one "
+                f"(another --out, or --overwrite) to change them"
+            )
+        restore(resume_from, net, opt, state)
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first_step = state["step"] + 1
+        train_time, train_cpu, rows = state["train_time"], state["train_cpu"], state["rows"]
+        loss_sum, loss_n = state["loss_sum"].to(device), state["loss_n"].to(device)
+        loss_count = state["loss_count"]
+        load_start = state["loadavg_start"]
+    start = time.perf_counter() - (rows[-1]["time_s"] if rows else 0.0)
+    if out:
+        rundir.start(out, rows)
 
     def record(step: int) -> dict[str, Any]:
-        nonlocal loss_sum, loss_count
+        nonlocal loss_sum, loss_n, loss_count
         val_loss, _ = evaluate_lm(net, valid_stream, context, eval_tokens, eval_batch_size, device)
         row = dict(
             step=step,
             tokens=step * batch_size * context,
-            train_loss=float(loss_sum) / loss_count if loss_count else float("nan"),
+            train_loss=float(loss_sum / loss_n) if loss_count else float("nan"),
             **lm_metrics("val", val_loss, bpt.get("valid")),
             lr=opt.param_groups[0]["lr"],
             train_time_s=train_time,
@@ -275,25 +281,48 @@ def _train_lm(
             time_s=time.perf_counter() - start,
             loadavg_1m=_loadavg(),
             corpus_fingerprint=info.get("fingerprint"),
+            skipped_steps=_train.skipped_steps(opt),
         )
         loss_sum = torch.zeros((), device=device)
+        loss_n = torch.zeros((), device=device)
         loss_count = 0
         rows.append(row)
         if out:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            rundir.append_jsonl(out / rundir.METRICS, row)
         return row
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            dict(
+                kind="lm",
+                step=step,
+                model=net.state_dict(),
+                optimizer=opt.state_dict(),
+                generator=generator.get_state(),
+                torch_rng=torch.get_rng_state(),
+                train_time=train_time,
+                train_cpu=train_cpu,
+                rows=rows,
+                loss_sum=loss_sum,
+                loss_n=loss_n,
+                loss_count=loss_count,
+                loadavg_start=load_start,
+                config=config_bindings(),
+            ),
+            out / rundir.CHECKPOINT,
+        )
 
     def budget_spent() -> bool:
         if time_budget_s is None:
             return False
         return (train_time if budget_clock == "wall" else train_cpu) >= time_budget_s
 
-    record(0)
-    bar = tqdm(range(steps), desc="steps", disable=quiet, leave=False)
-    step = 0
+    if not rows:
+        record(0)
+    bar = tqdm(total=steps, initial=first_step - 1, desc="steps", disable=quiet, leave=False)
+    step = first_step - 1
     net.train()
-    for step in range(1, steps + 1):
+    for step in range(first_step, steps + 1):
         tick, tick_cpu = time.perf_counter(), time.process_time()
         set_lr(step - 1)
         x, y = sample_batch(train_stream, batch_size, context, generator)
@@ -305,7 +334,9 @@ def _train_lm(
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
-        loss_sum += loss.detach()
+        finite = loss.detach().isfinite()  # a skipped batch's NaN loss is left out, on device
+        loss_sum += torch.where(finite, loss.detach(), 0.0)
+        loss_n += finite
         loss_count += 1
         if device != "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -316,6 +347,8 @@ def _train_lm(
         if step % eval_every == 0 or done:
             row = record(step)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+        if checkpoint_every and step % checkpoint_every == 0:
+            save(step)
         if done:
             break
     bar.close()
@@ -350,6 +383,7 @@ def _train_lm(
         loadavg_end=_loadavg(),
         corpus_fingerprint=info.get("fingerprint"),
         corpus_tokens=sum(tokens.values()) if tokens else None,
+        skipped_steps=_train.skipped_steps(opt),
     )
     if out:
         detail = dict(
@@ -358,8 +392,9 @@ def _train_lm(
             **extra,
             run=header,
         )
-        (out / "operative_config.gin").write_text(gin.operative_config_str())
-        (out / "summary.json").write_text(json.dumps(detail, indent=2))
+        rundir.atomic_write_text(out / rundir.CONFIG, gin.operative_config_str())
+        rundir.write_json(out / rundir.SUMMARY, detail)
+    _train.check_outcome(summary, loss_key="val_loss")
     return summary
 
 

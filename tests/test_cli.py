@@ -51,6 +51,8 @@ def test_run_writes_metrics_summary_and_operative_config(tmp_path, capsys):
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_loss"] > 0 and m["time_s"] > 0
     assert metrics[1]["time_s"] >= metrics[0]["time_s"]
+    coverage = summary.pop("coverage")  # curvlab optimizers add their curvature coverage
+    assert coverage["share"] == 1.0 and coverage["fallback"] == []
     assert summary == metrics[-1]
     assert summary["test_accuracy"] > 0.5  # it learns something in two epochs
 
@@ -103,15 +105,21 @@ def test_full_digits_run_reaches_95_percent_within_a_minute(tmp_path):
     assert wall < 60.0, f"{wall:.1f} s"
 
 
-def test_cli_errors():
+def test_cli_errors(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["no-such-command"])
     assert info.value.code == 2
     with pytest.raises(SystemExit) as info:
         cli.main(["run"])  # the config is required
     assert info.value.code == 2
+    capsys.readouterr()
+    # a missing config: one line naming it and the available ones; --debug raises instead
+    assert cli.main(["run", "configs/no_such_config.gin", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config file 'configs/no_such_config.gin' not found")
+    assert "digits_adafisher.gin" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(FileNotFoundError, match="digits_adafisher.gin"):
-        cli.main(["run", "configs/no_such_config.gin", "--quiet"])
+        cli.main(["run", "configs/no_such_config.gin", "--quiet", "--debug"])
 
 
 def test_console_script_is_installed():

@@ -112,6 +112,7 @@ def test_config_path_resolves_from_another_working_directory(tmp_path, monkeypat
 def test_every_ablation_is_tested_here():
     # each one has a test below that checks it changes what it says; add one for a new file
     assert ABLATIONS == [
+        "fallback_squared_gradient.gin",
         "no_ema.gin",
         "no_minmax.gin",
         "no_norm_fisher.gin",
@@ -280,3 +281,33 @@ def test_configs_are_plain_files_in_the_repository():
         Path(curvlab.config.resolve_config("configs/adafisher.gin"))
         == CONFIG_ROOT / "adafisher.gin"
     )
+
+
+class NetWithScale(Net):
+    """Net plus a raw parameter (no adapter): the fallback rule decides its curvature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_fallback_squared_gradient_ablation_gives_uncovered_parameters_their_own_fisher():
+    with pytest.warns(curvlab.CurvatureFallbackWarning, match="squared_gradient"):
+        opt = curvlab.build_optimizer(
+            NetWithScale().double(), "configs/ablations/fallback_squared_gradient.gin"
+        )
+    assert type(opt.fallback).__name__ == "SquaredGradientFallback"
+    model = opt.model
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    grad = model.scale.grad.clone()
+    opt.step()
+    v = (1 - opt.gamma) * grad**2  # EMA from zero after one step
+    expected = (v - v.min()) / (v.max() - v.min() + 1e-6) + LAM
+    torch.testing.assert_close(opt.preconditioner(model.scale), expected, rtol=1e-12, atol=0)
+    with pytest.warns(curvlab.CurvatureFallbackWarning, match="identity"):
+        base = curvlab.build_optimizer(NetWithScale().double(), "configs/adafisher.gin")
+    assert type(base.fallback).__name__ == "IdentityFallback"

@@ -19,6 +19,7 @@ from torch import nn
 
 import curvlab
 from curvlab import CurvatureFallbackWarning
+from curvlab.optimizer import PAPER_ADAPTERS
 
 LAM = 1e-3
 
@@ -252,7 +253,10 @@ def test_multihead_attention_parameters_fall_back_with_reasons():
     ]
     with warnings.catch_warnings(record=True) as at_init:
         warnings.simplefilter("always")
-        opt = curvlab.AdaFisher(model, lr=1e-2, damping=LAM)
+        # without the multihead_attention adapter (the default covers it:
+        # tests/plugins/adapters/test_attention.py), the fallback is reported
+        adapters = [a for a in PAPER_ADAPTERS if a != "multihead_attention"]
+        opt = curvlab.AdaFisher(model, lr=1e-2, damping=LAM, adapters=adapters)
     init_warnings = fallback_warnings(at_init)
     assert len(init_warnings) == 1
     assert "in_proj_weight" in str(init_warnings[0].message)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
-from typing import NamedTuple
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,12 @@ class Statistic(NamedTuple):
     count: int
 
 
+#: ``observe(block, x, output)``, handed to :meth:`LayerAdapter.capture_forward`: the Kronecker
+#: block ``block`` of the module read its input rows from ``x`` and produced ``output`` (the
+#: tensor whose gradient is the block's g)
+Observe = Callable[[str, Tensor, Tensor], None]
+
+
 class LayerAdapter(ABC):
     """Knows one module type: which parameters it owns and what its Kronecker rows are.
 
@@ -34,6 +40,15 @@ class LayerAdapter(ABC):
 
     Subclasses set :attr:`module_types` and implement the diagonal statistics; adapters that
     also serve the full/banded estimators implement :meth:`input_rows` / :meth:`output_rows`.
+
+    Optional extension points (docs/plugins.md, "Layers with several Kronecker blocks"):
+
+    * :meth:`blocks` describes one module as several Kronecker blocks (attention's q, k, v
+      projections), each with its own factors, min-max and eigenbasis;
+    * :meth:`regions` lets a block own a row range of a packed parameter (``in_proj_weight``);
+    * :meth:`capture_forward` captures a *functional* layer, one that computes its blocks
+      inside its own ``forward`` (so no submodule hook can see them): the capture engine routes
+      the module's forward through it while statistics are being gathered.
     """
 
     #: module classes this adapter handles
@@ -54,6 +69,57 @@ class LayerAdapter(ABC):
             if isinstance(p, nn.Parameter):
                 out[role] = p
         return out
+
+    # -- several Kronecker blocks, packed parameters, functional layers ---------------------------
+    def blocks(self, module: nn.Module) -> dict[str, LayerAdapter]:
+        """The module's Kronecker blocks: block name → the adapter of that block.
+
+        Each block becomes its own layer (a ``LayerRecord`` named ``"<module>.<block>"``) with its
+        own factors, EMA, normalisation and eigenbasis, exactly as if it were a separate module;
+        the block adapters are called with the original ``module``. Default: the module is one
+        block, ``{"": self}`` (the layer keeps the module's name).
+        """
+        return {"": self}
+
+    def regions(self, module: nn.Module) -> dict[str, slice]:
+        """Role → the rows (a ``slice`` of dim 0) of the parameter that this block covers.
+
+        For packed parameters (``in_proj_weight`` holds q, k, v one after the other): the block's
+        curvature, :meth:`curvature_terms` and :meth:`to_matrix` / :meth:`from_matrix` are then
+        about those rows only (the core passes and takes row slices). The blocks of a module
+        must cover every row of a parameter they share, without overlap. Default: no region
+        (the block covers its parameters whole).
+        """
+        return {}
+
+    def capture_forward(
+        self, module: nn.Module, observe: Observe, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Functional layers (optional): ``module``'s forward, computed through observable steps.
+
+        Implement it for a module that computes its Kronecker blocks inside its own ``forward``
+        (``nn.MultiheadAttention`` projects q, k, v with slices of one parameter and applies
+        ``out_proj`` functionally). Return exactly what ``module.forward(*args, **kwargs)``
+        returns, with the same values, gradients and random-number consumption, and call
+        ``observe(block, x, output)`` for every block computed: ``x`` is the tensor the block's
+        input rows come from (passed to :meth:`input_diagonal` / :meth:`input_rows`), ``output``
+        the tensor whose gradient is the block's g (hooked like a layer output). A submodule
+        that is a layer itself is captured by its own hooks when the forward calls it; when the
+        forward uses its weights functionally instead (as torch applies ``out_proj``), pass the
+        submodule's name as ``block`` (``observe("out_proj", h, y)``): its own adapter then
+        computes the statistics.
+
+        The capture engine installs this as the module's forward when it attaches (an instance
+        attribute, removed at detach) and calls it only while statistics are gathered (curvature
+        step, training mode, grad enabled, not paused) on the hooked module itself; otherwise,
+        and on deep copies and unpickled copies of the module, the original forward runs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no capture_forward")
+
+    @property
+    def captures_forward(self) -> bool:
+        """Whether this adapter implements :meth:`capture_forward`."""
+        return type(self).capture_forward is not LayerAdapter.capture_forward
 
     def input_signature(self, module: nn.Module) -> Hashable | None:
         """What the input statistic depends on besides the input tensor, or None.

@@ -10,6 +10,10 @@ as ``root``. Each pickle holds a dict with ``b"data"`` (N × 3072 uint8, channel
 ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` / ``b"coarse_labels"`` (CIFAR-100).
 Images are returned as float32 (N, 3, 32, 32), standardised per channel with the training mean
 and standard deviation.
+
+The batches are pickles, and a pickle can run code. They are read by :class:`CifarUnpickler`,
+which resolves only the globals a CIFAR batch needs (numpy's array reconstruction) and refuses
+any other; a corrupt or foreign file is a one-line error naming it (docs/security.md).
 """
 
 from __future__ import annotations
@@ -57,20 +61,69 @@ def locate(root: str | os.PathLike | None, folder: str, files: tuple[str, ...], 
     )
 
 
+#: the only globals a CIFAR python batch refers to (numpy < 2 and numpy >= 2 module paths)
+ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, bytes, numbers and numpy arrays, nothing else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refers to {module}.{name}, which a CIFAR batch never needs (only numpy arrays "
+                f"are allowed)"
+            )
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict:
+    """One CIFAR batch file, read with :class:`CifarUnpickler`; ``ValueError`` naming the file
+    when it is not one."""
+    try:
+        with open(path, "rb") as fh:
+            batch = CifarUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} is not a CIFAR python batch: {err}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise ValueError(
+            f"{path} is not a CIFAR python batch (truncated or corrupt: "
+            f"{type(err).__name__}: {str(err)[:120]})"
+        ) from None
+    if not isinstance(batch, dict):
+        kind = type(batch).__name__
+        raise ValueError(f"{path} is not a CIFAR python batch (a {kind}, not a dict)")
+    return batch
+
+
 def _load_batches(
     directory: Path, files: tuple[str, ...], label_key: bytes
 ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
-        with open(directory / f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        path = directory / f
+        batch = read_batch(path)
         if b"data" not in batch or label_key not in batch:
             raise ValueError(
-                f"{directory / f} is not a CIFAR python batch (keys {sorted(batch)}, "
+                f"{path} is not a CIFAR python batch (keys {sorted(batch)}, "
                 f"expected b'data' and {label_key!r})"
             )
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            image = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            label = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: malformed CIFAR batch ({err})") from None
+        if len(image) != len(label):
+            raise ValueError(f"{path}: {len(image)} images but {len(label)} labels")
+        images.append(image)
+        labels.append(label)
     return np.concatenate(images), np.concatenate(labels)
 
 

@@ -1,4 +1,4 @@
-"""Normalisation layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm), paper Prop. 3.3.1.
+"""Normalisation layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm, RMS-type), paper Prop. 3.3.1.
 
 ``y_c = γ_c x̂_c + β_c``: each feature c is a one-input "linear layer" with ā = [x̂_c, 1] and
 g = s_c = ∂L/∂y_c, so per feature ``H_c = mean x̂_c²``, ``S_c = mean s_c²`` over the rows that
@@ -22,6 +22,10 @@ class ElementwiseAffineAdapter(LayerAdapter):
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def feature_shape(self, module: nn.Module) -> torch.Size:
+        """Shape of the per-feature statistics (the weight's)."""
+        return module.weight.shape
+
     def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
         """The dims that are summed over (everything that is not a feature dim)."""
         raise NotImplementedError
@@ -32,13 +36,13 @@ class ElementwiseAffineAdapter(LayerAdapter):
         dims = self.reduce_dims(module, x)
         rows = _numel(x, dims)
         x_hat = self.normalized(module, x.to(dtype))
-        return Statistic(square_sum(x_hat, dims, dtype).reshape(module.weight.shape), rows)
+        return Statistic(square_sum(x_hat, dims, dtype).reshape(self.feature_shape(module)), rows)
 
     def output_diagonal(
         self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
     ) -> Statistic:
         dims = self.reduce_dims(module, grad_output)
-        total = square_sum(grad_output, dims, dtype).reshape(module.weight.shape)
+        total = square_sum(grad_output, dims, dtype).reshape(self.feature_shape(module))
         return Statistic(total, _numel(grad_output, dims))
 
     def curvature_terms(
@@ -131,13 +135,95 @@ class LayerNormAdapter(ElementwiseAffineAdapter):
 
 
 @register("adapters", "rmsnorm")
-class RMSNormAdapter(LayerNormAdapter):
-    """RMSNorm (weight only): x̂ = x / rms(x) over ``normalized_shape``."""
+class RMSNormAdapter(ElementwiseAffineAdapter):
+    r"""RMS-type normalisation ``y = w ⊙ x̂ [+ b]``, ``x̂ = x / sqrt(mean_D x² + ε)`` over the
+    normalised dims D (``normalized_shape``, else the weight's shape: the trailing dims).
+
+    Per feature c: ``H_c = mean x̂_c²``, ``S_c = mean s_c²`` over all other dims (paper
+    Prop. 3.3.1 with ā = x̂_c), ``F_w = H'·S'``, ``F_b = S'``. Matches ``nn.RMSNorm``; other
+    classes that compute the same thing (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ...)
+    are mapped onto it with :func:`curvlab.register_layer`, whose options say how to read the
+    module:
+
+    * ``eps``: the attribute that holds ε (``"eps"``; HF: ``"variance_epsilon"``), or a number.
+      ``None`` stored there means torch's default, ``finfo(input dtype).eps``.
+    * ``weight`` / ``bias``: attribute names of the scale (``"weight"``) and of an optional
+      shift (``None``: no bias).
+
+    x̂ is recomputed in the statistics dtype (fp32 or fp64), as HF's classes compute it in fp32
+    before casting back. Parameterisations such as Gemma's ``y = (1 + w) ⊙ x̂`` need no option:
+    ``∂y/∂w = x̂`` either way, so the Fisher of w is the same.
+    """
 
     module_types = (nn.RMSNorm,)
 
-    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
-        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+    def __init__(
+        self, eps: str | float = "eps", weight: str = "weight", bias: str | None = None
+    ) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (str, int, float)):
+            raise TypeError(
+                f"rmsnorm option eps must be an attribute name or a number, got {eps!r}"
+            )
+        if not isinstance(eps, str) and not eps >= 0:
+            raise ValueError(f"rmsnorm option eps must be >= 0, got {eps!r}")
+        for key, value in (("weight", weight), ("bias", bias)):
+            if not (isinstance(value, str) and value.isidentifier()) and not (
+                key == "bias" and value is None
+            ):
+                raise TypeError(f"rmsnorm option {key} must be an attribute name, got {value!r}")
+        self.eps = eps
+        self.weight = weight
+        self.bias = bias
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        out = {}
+        for role, attribute in (("weight", self.weight), ("bias", self.bias)):
+            if attribute is None:
+                continue
+            if not hasattr(module, attribute):
+                raise ValueError(
+                    f"rmsnorm adapter: {type(module).__name__} has no attribute {attribute!r} "
+                    f"(option {role}={attribute!r})"
+                )
+            p = getattr(module, attribute)
+            if isinstance(p, nn.Parameter):
+                out[role] = p
+        if out:
+            self.epsilon(module, torch.float32)  # fail at pairing, not in a hook
+        return out
+
+    def epsilon(self, module: nn.Module, input_dtype: torch.dtype) -> float:
+        if not isinstance(self.eps, str):
+            return float(self.eps)
+        if not hasattr(module, self.eps):
+            raise ValueError(
+                f"rmsnorm adapter: {type(module).__name__} has no attribute {self.eps!r} "
+                f"(option eps={self.eps!r}; give the attribute that holds ε, or a number)"
+            )
+        value = getattr(module, self.eps)
+        return torch.finfo(input_dtype).eps if value is None else float(value)
+
+    def feature_shape(self, module: nn.Module) -> torch.Size:
+        return getattr(module, self.weight).shape
+
+    def _normalized_shape(self, module: nn.Module) -> tuple[int, ...]:
+        shape = getattr(module, "normalized_shape", None)
+        return tuple(shape) if shape is not None else tuple(self.feature_shape(module))
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        return tuple(range(x.dim() - len(self._normalized_shape(module))))
+
+    def input_diagonal(
+        self, module: nn.Module, x: Tensor, output: Tensor, dtype: torch.dtype
+    ) -> Statistic:
+        dims = self.reduce_dims(module, x)
+        eps = self.epsilon(module, x.dtype)  # torch's default ε follows the input's dtype
+        x_hat = F.rms_norm(x.to(dtype), self._normalized_shape(module), None, eps)
+        total = square_sum(x_hat, dims, dtype).reshape(self.feature_shape(module))
+        return Statistic(total, _numel(x, dims))
+
+    def __repr__(self) -> str:
+        return f"RMSNormAdapter(eps={self.eps!r}, weight={self.weight!r}, bias={self.bias!r})"
 
 
 @register("adapters", "groupnorm")

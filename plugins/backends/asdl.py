@@ -68,6 +68,7 @@ def _require_asdl() -> Any:
 
 def _paper_adapter_types() -> dict[type, type]:
     from curvlab.plugins.adapters.conv2d import Conv2dAdapter
+    from curvlab.plugins.adapters.convolution import ConvolutionAdapter
     from curvlab.plugins.adapters.embedding import EmbeddingAdapter
     from curvlab.plugins.adapters.linear import LinearAdapter
     from curvlab.plugins.adapters.normalization import BatchNormAdapter, LayerNormAdapter
@@ -75,7 +76,7 @@ def _paper_adapter_types() -> dict[type, type]:
 
     return {
         nn.Linear: (LinearAdapter, OfficialLinearAdapter),
-        nn.Conv2d: (Conv2dAdapter,),
+        nn.Conv2d: (Conv2dAdapter, ConvolutionAdapter),
         nn.Embedding: (EmbeddingAdapter,),
         nn.BatchNorm1d: (BatchNormAdapter,),
         nn.BatchNorm2d: (BatchNormAdapter,),
@@ -85,6 +86,11 @@ def _paper_adapter_types() -> dict[type, type]:
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ASDL cannot give this module's statistics (``None``: it can)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+        return (
+            f"ASDL's Kronecker factors cover nn.Conv2d only among convolutions (its operations "
+            f"have no {type(module).__name__})"
+        )
     if not isinstance(module, _KRON_TYPES + _DIAG_TYPES):
         return (
             "ASDL's Fisher covers Linear, Conv2d, Embedding (Kronecker factors) and "

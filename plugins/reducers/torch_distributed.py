@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,8 +72,7 @@ class PendingReduction:
             totals: list[Tensor | None] = [None] * n
             counts: list[Tensor | None] = [None] * n
             for bucket, buffer, work in zip(self._buckets, self._buffers, self._works, strict=True):
-                if work is not None:
-                    work.wait()
+                self._reducer._wait(work, buffer.device)
                 self._reducer._unpack(bucket, buffer, self._shapes, totals, counts)
             flag = None
             if self._flag_slot is not None:
@@ -132,6 +132,12 @@ class TorchDistributedReducer(Reducer):
             step skipped on a non-finite value. On CPU the flag is read at once; on CUDA it is
             copied to pinned memory without blocking and logged at a later call, so logging adds
             no host–device synchronisation.
+        timeout_s: the longest wait for a collective of CPU tensors (gloo) before it raises
+            ``RuntimeError("... timed out ...")``; ``None`` (default): the process group's timeout
+            (``init_process_group(timeout=...)``; ``curvlab run`` sets it from
+            ``train.distributed_timeout_s``). CUDA tensors always use the process group's
+            timeout: a timed wait on an NCCL collective blocks the host, a synchronisation
+            every step.
 
     Raises:
         RuntimeError: if ``torch.distributed`` is unavailable or not initialised.
@@ -146,6 +152,7 @@ class TorchDistributedReducer(Reducer):
         validate: bool = False,
         log_skips: bool = True,
         loss_convention: str = "global",
+        timeout_s: float | None = None,
     ) -> None:
         if not dist.is_available():
             raise RuntimeError(
@@ -167,6 +174,9 @@ class TorchDistributedReducer(Reducer):
             raise ValueError(
                 f"loss_convention must be one of {LOSS_CONVENTIONS}, got {loss_convention!r}"
             )
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
+        self.timeout_s = timeout_s
         self.loss_convention = loss_convention
         self.group = group
         self.bucket_size_mb = bucket_size_mb
@@ -204,7 +214,20 @@ class TorchDistributedReducer(Reducer):
         self.collectives += 1
         self.bytes_reduced += tensor.numel() * tensor.element_size()
         # looked up at call time on the module, so tests can count the calls
-        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        if async_op:
+            return work
+        self._wait(work, tensor.device)
+        return None
+
+    def _wait(self, work: Any, device: torch.device) -> None:
+        """Wait for ``work``, at most ``timeout_s`` for CPU tensors (see the class doc)."""
+        if work is None:
+            return
+        if self.timeout_s is not None and device.type == "cpu":
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        else:
+            work.wait()
 
     # -- reduction --------------------------------------------------------------------------------
     def reduce(
@@ -380,7 +403,8 @@ class TorchDistributedReducer(Reducer):
         device = totals[0].device
         probe = torch.tensor(mine + [-v for v in mine], dtype=torch.int64, device=device)
         self.collectives += 1
-        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=self.group)
+        work = dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._wait(work, device)
         high, neg_low = probe[:3].tolist(), probe[3:].tolist()
         if high != mine or [-v for v in neg_low] != mine:
             raise RuntimeError(

@@ -106,3 +106,55 @@ def test_researcher_estimator_plugin(tmp_path, capsys):
     assert code == 1
     fails = [line for line in out.splitlines() if " FAIL " in line]
     assert fails and all("1.0e+00" in line or "5.0e-01" in line for line in fails)
+
+
+CONV_FAMILY_PLUGIN = textwrap.dedent(
+    '''
+    """A digits model with Conv1d, Conv3d, ConvTranspose2d and a padding="same" Conv1d."""
+    import gin
+    import torch
+    from torch import nn
+
+
+    class ConvFamily(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows = nn.Conv1d(8, 4, 3, padding=1)
+            self.same = nn.Conv1d(4, 2, 4, padding="same")
+            self.volume = nn.Conv3d(1, 2, 2, stride=(1, 1, 2))
+            self.up = nn.ConvTranspose2d(1, 2, 2, stride=2, dilation=1)
+            self.out = nn.Linear(2 * 8 + 2 * 3 * 1 * 4 + 2 * 16 * 16, 10)
+
+        def forward(self, x):
+            n = x.shape[0]
+            a = self.same(torch.relu(self.rows(x.reshape(n, 8, 8))))
+            b = self.volume(x.reshape(n, 1, 4, 2, 8))
+            c = self.up(x)
+            return self.out(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)], 1).tanh())
+
+
+    @gin.configurable(module="models")
+    def test_conv_family():
+        return ConvFamily()
+    '''
+)
+
+
+@pytest.mark.skipif("backpack" not in available_backends(), reason="needs backpack")
+def test_conv_family_against_backpack(tmp_path, capsys):
+    plugin = tmp_path / "conv_family_plugin.py"
+    plugin.write_text(CONV_FAMILY_PLUGIN)
+    config = tmp_path / "conv_family.gin"
+    config.write_text(
+        'include "adafisher.gin"\n'
+        "train.model = @models.test_conv_family\n"
+        "train.data = @data.digits\n"
+        "train.batch_size = 8\n"
+    )
+    code, out = run(capsys, str(config), "--plugin", str(plugin), "--backend", "backpack")
+    assert code == 0, out
+    rows = {line.split()[0]: line for line in out.splitlines() if "  backpack  " in line}
+    for name, kind in (("rows", "Conv1d"), ("volume", "Conv3d"), ("up", "ConvTranspose2d")):
+        assert f" {kind} " in rows[name] and " PASS " in rows[name], out
+    assert " n/a " in rows["same"] and "padding='same'" in rows["same"]
+    assert " PASS " in rows["out"]

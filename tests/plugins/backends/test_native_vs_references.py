@@ -147,3 +147,47 @@ def test_empirical_conv_against_curvlinops():
         if A is not None:
             assert torch.allclose(torch.diagonal(A), H.reshape(-1), rtol=TOL, atol=0)
         assert torch.allclose(torch.diagonal(G) / (n * n * positions[name]), S, rtol=TOL, atol=0)
+
+
+def conv_family() -> nn.Module:
+    """Conv1d → ConvTranspose1d → (reshaped, a Sequential BackPACK can backpropagate through)."""
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose1d(4, 3, 3, stride=2, padding=1, dilation=2),
+        nn.Tanh(),
+        nn.Conv1d(3, 2, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 9, 5),
+    )
+
+
+def conv3d_family() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(2, 3, 2, stride=(2, 1, 1), padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose3d(3, 2, (1, 2, 2), stride=(1, 1, 2)),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 6 * 8, 5),
+    )
+
+
+@pytest.mark.skipif("backpack" not in available_backends(), reason="needs backpack")
+@pytest.mark.parametrize(
+    "make, shape", [(conv_family, (6, 3, 10)), (conv3d_family, (5, 2, 4, 4, 3))], ids=["1d", "3d"]
+)
+def test_conv_family_every_fisher_type_against_backpack(make, shape):
+    """check-curvature's comparison for Conv1d/Conv3d/ConvTranspose1d/3d: every layer PASSes
+    against BackPACK for the empirical, exact and MC Fisher; ASDL (no operation for these
+    layer types) reports them n/a with the reason and still checks the Linear layer."""
+    rows = run(make(), torch.randn(*shape, dtype=torch.float64), FISHER_TYPES)
+    layers = {r.layer for r in rows}
+    for fisher_type in FISHER_TYPES:
+        assert statuses(rows, "backpack", fisher_type) == dict.fromkeys(layers, "PASS")
+    assert max(e for r in rows for e in r.errors.values() if e is not None) < TOL
+    if "asdl" in available_backends():
+        asdl = {r.layer: r for r in rows if r.backend == "asdl" and r.fisher_type == "empirical"}
+        linear = max(layers, key=int)
+        assert asdl[linear].status == "PASS"
+        for name in layers - {linear}:
+            assert asdl[name].status == "n/a" and "cover nn.Conv2d only" in asdl[name].note
