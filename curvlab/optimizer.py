@@ -452,9 +452,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fallback_value(self, damping: float) -> float:
         return 1.0 + damping if self.damp_fallback else 1.0
 
-    def _layer_factors(self, damping: float) -> dict[str, LayerFactors | KroneckerOperator]:
+    def _layer_factors(
+        self, damping: float | None = None
+    ) -> dict[str, LayerFactors | KroneckerOperator]:
         """Normalised factors per layer: entries (diagonal), or the solver's operator
-        (banded/full)."""
+        (banded/full) at ``damping`` (default: this step's λ)."""
+        if damping is None:
+            damping = self.damping.value(self._step)
         paper = self.ema == "paper"
         # paper: normalised, and identity (H' = S' = 1) until the first accepted update
         diagonal = self._diagonal.factors(self.normalizer if paper else None, guard=paper)
