@@ -36,6 +36,7 @@ from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.regions import shared_parameters
+from curvlab.sharding import LocalState, RowShard, as_global, is_sharded, local, row_shard
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
@@ -209,6 +210,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
         self._closed = False
+        self._checked_sharding = False
         #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
         self._capture_gate = lifecycle.weak_gate(self)
         self._warned_not_training = False
@@ -505,13 +507,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params, grads, states = [], [], []
         for _, p in self._uncovered():
             if p.grad is not None and p in self.state:
-                params.append(p)
-                grads.append(p.grad)
-                states.append(self.state[p])
+                sharded = is_sharded(p)
+                params.append(local(p))
+                grads.append(local(p.grad))
+                states.append(LocalState(self.state[p], p) if sharded else self.state[p])
         if params:
             self.fallback.update(params, grads, states, ok, self.gamma)
 
-    def _make_preconditioner(self) -> CurvaturePreconditioner:
+    def _make_preconditioner(
+        self, shards: dict[int, RowShard] | None = None
+    ) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
         # the diagonal layers' products view the packed factors, which are refreshed in place:
         # they stay valid until a re-pack (products that are new tensors are rebuilt anyway)
@@ -529,6 +534,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             cached=cached,
             stable_storages=self._diagonal.storages(),
             fallback_curvature=self._fallback_curvature(),
+            shards=shards,
         )
         self._terms_cache = (key, precond.cached_terms)
         return precond
@@ -678,6 +684,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         work = []
         all_grads = []
+        #: FSDP2 parameters (DTensors): the step works on their rank-local rows (curvlab.sharding)
+        shards: dict[int, RowShard] = {}
         for group in self.param_groups:
             params, grads, states = [], [], []
             for p in group["params"]:
@@ -689,6 +697,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         "(use nn.Embedding(sparse=False))"
                     )
                 state = self.state[p]
+                if is_sharded(p):
+                    shard = shards[id(p)] = row_shard(p)
+                    if not state:
+                        for key, value in self.update_rule.init_state(shard.local).items():
+                            state[key] = as_global(value, p)
+                    params.append(shard.local)
+                    grads.append(local(p.grad))
+                    states.append(LocalState(state, p))
+                    continue
                 if not state:
                     state.update(self.update_rule.init_state(p))
                 params.append(p)
@@ -697,6 +714,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params, grads, states))
                 all_grads.extend(grads)
+        if shards and not self._checked_sharding:
+            self._check_sharding(shards)
         device = self._device()
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -716,7 +735,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._update_elementwise(work, ok)
         self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
 
-        self.update_rule.update(work, self._make_preconditioner(), ok)
+        self.update_rule.update(work, self._make_preconditioner(shards), ok)
         self._buffer_guard.restore(ok)
 
         self._skipped += (~ok).to(torch.int64)
@@ -725,6 +744,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for record in self.layers:  # statistics of non-curvature steps are never kept
             record.clear()
         return loss
+
+    def _check_sharding(self, shards: dict[int, RowShard]) -> None:
+        """Sharded parameters on several ranks need statistics and the finite flag reduced
+        across ranks: every rank holds different rows, so a rank-local flag would let the
+        ranks skip different steps, and local statistics would give each shard other factors."""
+        ranks = max(shard.ranks for shard in shards.values())
+        if ranks > 1 and getattr(self.reducer, "world_size", 1) == 1:
+            raise ValueError(
+                f"parameters sharded over {ranks} ranks (FSDP2) need reducer='torch_distributed' "
+                f"(the reducer is {self.reducer!r}): curvature statistics and the finite flag "
+                f"must be reduced across ranks"
+            )
+        if ranks > 1 and getattr(self.reducer, "finite_flag", "all_reduce") == "local":
+            raise ValueError(
+                "finite_flag='local' with parameters sharded by FSDP2: each rank checks only its "
+                "own gradient rows, so the flag must be all-reduced (finite_flag='all_reduce')"
+            )
+        self._checked_sharding = True
 
     def _device(self) -> torch.device:
         for group in self.param_groups:

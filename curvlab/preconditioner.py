@@ -20,6 +20,7 @@ from torch import Tensor
 from curvlab.interfaces.update import Preconditioner
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
+from curvlab.sharding import RowShard, local, shard_rows_of_term
 
 
 @dataclass
@@ -138,6 +139,7 @@ class CurvaturePreconditioner(Preconditioner):
         cached: CachedTerms | None = None,
         stable_storages: frozenset[int] = frozenset(),
         fallback_curvature: dict[int, Tensor] | None = None,
+        shards: dict[int, RowShard] | None = None,
     ) -> None:
         self.damping = damping
         self.fallback_curvature = fallback_curvature or {}
@@ -194,6 +196,47 @@ class CurvaturePreconditioner(Preconditioner):
                 self.terms.setdefault(key, []).append(term)
         for key in self.incomplete:
             self.terms.pop(key, None)
+        if shards:
+            self._add_shards(shards)
+
+    def _add_shards(self, shards: dict[int, RowShard]) -> None:
+        """Entries for the rank-local tensors of sharded parameters (keyed by the global
+        parameter's id in ``shards``): their rows of the diagonal curvature, their local
+        elementwise / fallback curvature. The global entries stay (``dense_diagonal``)."""
+        for key, shard in shards.items():
+            if any(id(p) == key for record, _ in self.joint for p in record.params.values()):
+                raise NotImplementedError(
+                    "banded/full (Kronecker-solved) layers with parameters sharded by FSDP2 are "
+                    "not supported yet; use the diagonal estimator (docs/distributed.md)"
+                )
+            mine = id(shard.local)
+            if key in self.incomplete:
+                self.incomplete.add(mine)
+            terms = self.terms.get(key)
+            if terms is not None and shard.stop > shard.start:
+                self.terms[mine] = self._shard_terms(terms, shard)
+            for source in (self.elementwise, self.fallback_curvature):
+                if key in source:
+                    source[mine] = local(source[key])
+
+    @staticmethod
+    def _shard_terms(terms: list[Term], shard: RowShard) -> list[Term]:
+        """The terms of a parameter restricted to this rank's rows ``[start, stop)``: slices of
+        the factors (``sharding.shard_rows_of_term``), each with the local rows it fills."""
+        out = []
+        for term in terms:
+            a, b = (0, shard.rows) if term.region is None else span(term.region, shard.rows)
+            lo, hi = max(a, shard.start), min(b, shard.stop)
+            if lo >= hi:
+                continue
+            pieces = shard_rows_of_term(term.left, term.right, term.shape, b - a, lo - a, hi - a)
+            for rows, left, right in pieces:
+                offset = lo - shard.start
+                out.append(Term.of(left, right, slice(rows.start + offset, rows.stop + offset)))
+        whole = slice(0, shard.stop - shard.start)
+        if all(t.region == whole for t in out):  # no packed rows: the plain fast path
+            out = [t._replace(region=None) for t in out]
+        return out
 
     def _layer_terms(self, record: LayerRecord, H: Tensor, S: Tensor) -> list[tuple[int, Term]]:
         """(parameter id, product) of every role of one layer."""

@@ -1,0 +1,217 @@
+"""Worker for the FSDP2 tests: ``python -m tests._fsdp_worker OUT``.
+
+Started once per rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them) by
+``tests/test_fsdp.py``; joins a gloo group on 127.0.0.1, runs every scenario of
+:data:`SCENARIOS`, saves ``OUT/rank{r}.pt`` and destroys the group. An exception in a scenario
+is recorded in its result instead of ending the worker.
+
+The same :func:`train` function computes the single-process reference (``world=1``: the plain
+model, mean loss over the whole batch) in the test process. On ``world`` ranks every rank takes
+its rows of each batch and its local mean loss; FSDP2 averages the gradients (reduce-scatter
+mean) and the reducer's ``loss_convention="local_mean"`` puts the output statistics in the
+units of the global loss (docs/distributed.md), so both sides compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import curvlab
+
+STEPS = 5
+N_GLOBAL = 8
+LR = 1e-2
+
+
+# -- models and data (float64, deterministic) ------------------------------------------------------
+def make_model(name: str) -> nn.Module:
+    """Layers whose output dimension (dim 0 of the weight) is odd, so 2 ranks hold unequal rows."""
+    torch.manual_seed(1234)
+    if name == "mlp":  # LayerNorm and the last Linear are left to the root's FSDP group
+        model = nn.Sequential(
+            nn.Linear(6, 7),
+            nn.LayerNorm(7),
+            nn.Tanh(),
+            nn.Linear(7, 5),
+            nn.Tanh(),
+            nn.Linear(5, 3),
+        )
+    elif name == "linear_mlp":  # the official code's statistics of LayerNorm are not row sums
+        model = nn.Sequential(
+            nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)
+        )
+    elif name == "cnn":  # the grouped conv's 6 output channels: rank 0 holds 1½ of its 3 groups
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 3),
+        )
+    else:
+        raise ValueError(name)
+    return model.double()
+
+
+#: submodules passed to fully_shard before the root (the others stay in the root's group)
+SHARDED = {"mlp": (0, 3), "linear_mlp": (0, 2), "cnn": (0, 2)}
+
+
+def shard(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for index in SHARDED[name]:
+        fully_shard(model[index], **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def make_batches(name: str, steps: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(99)
+    shape = (2, 8, 8) if name == "cnn" else (6,)
+    return [
+        (
+            torch.randn(N_GLOBAL, *shape, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (N_GLOBAL,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+#: (optimizer class name, model, keyword arguments)
+CASES = {
+    "paper_mlp": ("AdaFisher", "mlp", {}),
+    "paper_cnn": ("AdaFisher", "cnn", {}),
+    "official": ("AdaFisher", "linear_mlp", {"variant": "official", "curvature_interval": 2}),
+    "adafisherw": ("AdaFisherW", "mlp", {"weight_decay": 0.1, "curvature_interval": 2}),
+}
+
+
+def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.CurvatureOptimizer:
+    cls, _, kwargs = CASES[case]
+    reducer: object = "none"
+    if world > 1:
+        reducer = curvlab.registry.create(
+            "reducers", "torch_distributed", loss_convention="local_mean"
+        )
+    return getattr(curvlab, cls)(model, lr=LR, reducer=reducer, **kwargs)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective), a copy of anything else."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def train(
+    case: str,
+    *,
+    world: int = 1,
+    rank: int = 0,
+    steps: int = STEPS,
+    mp_dtype: torch.dtype | None = None,
+    poison: tuple[int, int] | None = None,
+) -> dict:
+    """``steps`` optimizer steps; the final parameters (whole), metrics and local shapes.
+
+    ``world == 1``: the plain model on the whole batch. ``mp_dtype``: FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=mp_dtype)``. ``poison = (step, rank)``: a NaN in that
+    rank's input at that step.
+    """
+    _, model_name, _ = CASES[case]
+    model = make_model(model_name)
+    if world > 1:
+        kwargs = {}
+        if mp_dtype is not None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype)
+        shard(model, model_name, **kwargs)
+    opt = make_optimizer(case, model, world)
+    for step, (x, y) in enumerate(make_batches(model_name, steps)):
+        rows = slice(rank * N_GLOBAL // world, (rank + 1) * N_GLOBAL // world)
+        x, y = x[rows], y[rows]
+        if poison == (step, rank):
+            x = x.clone()
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        F.cross_entropy(model(x).to(torch.float64), y).backward()
+        opt.step()
+    return {
+        "params": [full(p) for p in model.parameters()],
+        "local_rows": [
+            p.to_local().shape[0] if world > 1 else p.shape[0] for p in model.parameters()
+        ],
+        "metrics": opt.metrics(),
+        "factor_dtypes": sorted(
+            {
+                str(v.dtype)
+                for s in opt.curvature_state.values()
+                for v in s.values()
+                if v.is_floating_point()
+            }
+        ),
+        "state_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
+    }
+
+
+# -- scenarios (run on every rank) -----------------------------------------------------------------
+def scenario_equivalence(world: int, rank: int) -> dict:
+    return {case: train(case, world=world, rank=rank) for case in CASES}
+
+
+def scenario_mixed_precision(world: int, rank: int) -> dict:
+    return train("paper_mlp", world=world, rank=rank, mp_dtype=torch.float32)
+
+
+def scenario_nan(world: int, rank: int) -> dict:
+    return train("paper_mlp", world=world, rank=rank, poison=(2, 1))
+
+
+def scenario_no_reducer(world: int, rank: int) -> dict:
+    model = shard(make_model("mlp"), "mlp")
+    opt = curvlab.AdaFisher(model, lr=LR)
+    x, y = make_batches("mlp", 1)[0]
+    F.cross_entropy(model(x), y).backward()
+    try:
+        opt.step()
+    except ValueError as err:
+        return {"message": str(err)}
+    return {"message": None}
+
+
+SCENARIOS = {
+    "equivalence": scenario_equivalence,
+    "mixed_precision": scenario_mixed_precision,
+    "nan": scenario_nan,
+    "no_reducer": scenario_no_reducer,
+}
+
+
+def main(out: str) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for name, fn in SCENARIOS.items():
+            try:
+                results[name] = fn(world, rank)
+            except Exception:  # recorded; the test reports it
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

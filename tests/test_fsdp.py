@@ -1,0 +1,173 @@
+"""FSDP2 (``fully_shard``): 2 gloo processes on 127.0.0.1 against one process.
+
+One module fixture starts two worker processes (``_fsdp_worker.py``, as torchrun would) that run
+every scenario once in one process group; the tests compare their results with single-process
+references computed here by the same ``train`` function. Workers are killed after
+``WORKER_TIMEOUT_S``; every collective has a 30 s group timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvlab.preconditioner import Term
+from curvlab.sharding import shard_rows_of_term
+from tests import _fsdp_worker as worker
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+WORKER_TIMEOUT_S = 150
+TOL = 1e-10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def run_workers(
+    out: Path,
+    module: str,
+    world: int = WORLD,
+    timeout: float = WORKER_TIMEOUT_S,
+    args: tuple[str, ...] = (),
+) -> list[dict]:
+    """Start ``world`` ranks of ``python -m module OUT *args``; their saved results."""
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(out / f"rank{rank}.log", "w+")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, str(out), *args],
+                cwd=ROOT,
+                env=dict(env, RANK=str(rank)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"FSDP workers did not finish within {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        text = []
+        for log in logs:
+            log.seek(0)
+            text.append(log.read())
+            log.close()
+    if any(p.returncode for p in procs):
+        pytest.fail("a worker failed:\n" + "\n----\n".join(text))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_workers(tmp_path_factory.mktemp("fsdp"), "tests._fsdp_worker")
+
+
+def scenario(ranks: list[dict], name: str) -> list[dict]:
+    for rank, results in enumerate(ranks):
+        if "error" in results[name]:
+            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{results[name]['error']}")
+    return [results[name] for results in ranks]
+
+
+# -- the rows of a shard: pure functions, no processes ---------------------------------------------
+@pytest.mark.parametrize(
+    "left_shape, right_shape, rows",
+    [
+        ((1, 7, 1), (1, 1, 6), 7),  # Linear: S (out) × H (in), with the adapter's group dim
+        ((7,), (7,), 7),  # LayerNorm weight: H ⊙ S
+        ((3, 2, 1), (3, 1, 5), 6),  # grouped conv: 3 groups of 2 output channels
+        ((2, 1, 3), (1, 4, 1), 4),  # a layout that interleaves rows (the materialising path)
+    ],
+)
+def test_shard_rows_equal_rows_of_the_product(left_shape, right_shape, rows):
+    g = torch.Generator().manual_seed(0)
+    left = torch.rand(left_shape, generator=g, dtype=torch.float64)
+    right = torch.rand(right_shape, generator=g, dtype=torch.float64)
+    shape = Term.of(left, right).shape
+    whole = (left * right).reshape(rows, -1)
+    for start in range(rows + 1):
+        for stop in range(start, rows + 1):
+            got = torch.empty(stop - start, whole.shape[1], dtype=torch.float64)
+            for region, l, r in shard_rows_of_term(left, right, shape, rows, start, stop):
+                piece = got[region]
+                piece.view(Term.of(l, r).shape).copy_(l if r is None else l * r)
+            assert torch.equal(got, whole[start:stop]), (start, stop)
+
+
+# -- 2 ranks = 1 process ------------------------------------------------------------------------
+@pytest.mark.slow  # two worker processes shared by the module (≈ 15 s)
+@pytest.mark.parametrize("case", sorted(worker.CASES))
+def test_two_ranks_match_one_process(ranks: list[dict], case: str) -> None:
+    r0, r1 = (r[case] for r in scenario(ranks, "equivalence"))
+    reference = worker.train(case)
+    assert max_diff(r0["params"], reference["params"]) < TOL
+    assert max_diff(r1["params"], reference["params"]) < TOL
+    assert r0["metrics"] == r1["metrics"] == {"steps": worker.STEPS, "skipped_steps": 0}
+    # odd output dimensions: the ranks hold unequal rows
+    assert r0["local_rows"] != r1["local_rows"]
+    assert [a + b for a, b in zip(r0["local_rows"], r1["local_rows"])] == [
+        p.shape[0] for p in reference["params"]
+    ]
+    # per-parameter state lives as DTensors (reshardable by torch.distributed.checkpoint)
+    assert "DTensor" in r0["state_types"]
+    # the run moved the parameters: the comparison is not trivially true
+    initial = list(worker.make_model(worker.CASES[case][1]).parameters())
+    assert max_diff(reference["params"], initial) > 0.1
+
+
+@pytest.mark.slow
+def test_mixed_precision_keeps_factors_in_the_master_dtype(ranks: list[dict]) -> None:
+    """param_dtype=float32 over float64 master weights: the forward/backward run in fp32, the
+    factors and the update in float64; the result stays within fp32 rounding of the fp64 run."""
+    r0, r1 = scenario(ranks, "mixed_precision")
+    reference = worker.train("paper_mlp")
+    assert r0["factor_dtypes"] == ["torch.float64"]
+    assert all(p.dtype == torch.float64 for p in r0["params"])
+    assert max_diff(r0["params"], r1["params"]) == 0
+    diff = max_diff(r0["params"], reference["params"])
+    assert 0 < diff < 1e-4  # fp32 compute: not bitwise the fp64 run, but close
+
+
+@pytest.mark.slow
+def test_non_finite_step_skipped_on_every_rank(ranks: list[dict]) -> None:
+    """A NaN in rank 1's input at step 2: both ranks skip that step (the flag is all-reduced),
+    as one process skips it on the whole batch."""
+    r0, r1 = scenario(ranks, "nan")
+    reference = worker.train("paper_mlp", poison=(2, 0))
+    assert reference["metrics"]["skipped_steps"] == 1
+    assert r0["metrics"] == r1["metrics"] == reference["metrics"]
+    assert max_diff(r0["params"], reference["params"]) < TOL
+
+
+@pytest.mark.slow
+def test_sharded_parameters_require_the_distributed_reducer(ranks: list[dict]) -> None:
+    for result in scenario(ranks, "no_reducer"):
+        assert "reducer='torch_distributed'" in result["message"]
