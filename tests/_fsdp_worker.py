@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import curvlab
+from curvlab import distributed_checkpoint
 
 STEPS = 5
 N_GLOBAL = 8
@@ -106,6 +107,12 @@ def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.Curvature
     return getattr(curvlab, cls)(model, lr=LR, reducer=reducer, **kwargs)
 
 
+def curvature(opt: curvlab.CurvatureOptimizer) -> dict[str, Tensor]:
+    """Every factor tensor, by layer and key."""
+    layers = opt.state_dict()["curvature"]["layers"]
+    return {f"{name}.{k}": v for name, state in layers.items() for k, v in state.items()}
+
+
 def full(t: Tensor) -> Tensor:
     """The whole tensor of a DTensor (a collective), a copy of anything else."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
@@ -119,12 +126,15 @@ def train(
     steps: int = STEPS,
     mp_dtype: torch.dtype | None = None,
     poison: tuple[int, int] | None = None,
+    save: tuple[int, str] | None = None,
+    resume: str | None = None,
 ) -> dict:
     """``steps`` optimizer steps; the final parameters (whole), metrics and local shapes.
 
     ``world == 1``: the plain model on the whole batch. ``mp_dtype``: FSDP2's
     ``MixedPrecisionPolicy(param_dtype=mp_dtype)``. ``poison = (step, rank)``: a NaN in that
-    rank's input at that step.
+    rank's input at that step. ``save = (k, path)``: a DCP checkpoint after ``k`` steps (the run
+    goes on); ``resume``: start from a checkpoint (at the step it was saved).
     """
     _, model_name, _ = CASES[case]
     model = make_model(model_name)
@@ -136,7 +146,16 @@ def train(
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype)
         shard(model, model_name, **kwargs)
     opt = make_optimizer(case, model, world)
+    if resume is not None:
+        distributed_checkpoint.load(resume, model, opt)
+    start = opt.metrics()["steps"]
+    factors = curvature(opt) if resume is not None else None
     for step, (x, y) in enumerate(make_batches(model_name, steps)):
+        if step < start:
+            continue
+        if save is not None and step == save[0]:
+            distributed_checkpoint.save(save[1], model, opt)
+            factors = curvature(opt)
         rows = slice(rank * N_GLOBAL // world, (rank + 1) * N_GLOBAL // world)
         x, y = x[rows], y[rows]
         if poison == (step, rank):
@@ -151,6 +170,7 @@ def train(
             p.to_local().shape[0] if world > 1 else p.shape[0] for p in model.parameters()
         ],
         "metrics": opt.metrics(),
+        "factors": factors,  # at the checkpoint (saved or loaded)
         "factor_dtypes": sorted(
             {
                 str(v.dtype)
@@ -188,15 +208,42 @@ def scenario_no_reducer(world: int, rank: int) -> dict:
     return {"message": None}
 
 
+#: a checkpoint written by the test process (one process) for the 1 → 2 case
+CHECKPOINT_IN = ""
+#: where the ranks write theirs (2 → 1)
+CHECKPOINT_OUT = ""
+CHECKPOINT_STEP, CHECKPOINT_STEPS = 3, 6
+
+
+def scenario_checkpoint(world: int, rank: int) -> dict:
+    """Save after 3 of 6 steps and go on (the uninterrupted run); resume the test process's
+    one-process checkpoint on these ranks."""
+    return {
+        "saved": train(
+            "paper_mlp",
+            world=world,
+            rank=rank,
+            steps=CHECKPOINT_STEPS,
+            save=(CHECKPOINT_STEP, CHECKPOINT_OUT),
+        ),
+        "resumed": train(
+            "paper_mlp", world=world, rank=rank, steps=CHECKPOINT_STEPS, resume=CHECKPOINT_IN
+        ),
+    }
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
     "mixed_precision": scenario_mixed_precision,
     "nan": scenario_nan,
     "no_reducer": scenario_no_reducer,
+    "checkpoint": scenario_checkpoint,
 }
 
 
-def main(out: str) -> None:
+def main(out: str, checkpoint_in: str) -> None:
+    global CHECKPOINT_IN, CHECKPOINT_OUT
+    CHECKPOINT_IN, CHECKPOINT_OUT = checkpoint_in, os.path.join(out, "checkpoint")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     torch.set_num_threads(1)
@@ -214,4 +261,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

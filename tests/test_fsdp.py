@@ -87,7 +87,17 @@ def run_workers(
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_workers(tmp_path_factory.mktemp("fsdp"), "tests._fsdp_worker")
+    out = tmp_path_factory.mktemp("fsdp")
+    # the one-process checkpoint that the ranks resume (1 → 2)
+    one = worker.train(
+        "paper_mlp",
+        steps=worker.CHECKPOINT_STEPS,
+        save=(worker.CHECKPOINT_STEP, str(out / "one_process")),
+    )
+    results = run_workers(out, "tests._fsdp_worker", args=(str(out / "one_process"),))
+    results[0]["one_process_checkpoint"] = one
+    results[0]["checkpoint_dir"] = out / "checkpoint"
+    return results
 
 
 def scenario(ranks: list[dict], name: str) -> list[dict]:
@@ -171,3 +181,41 @@ def test_non_finite_step_skipped_on_every_rank(ranks: list[dict]) -> None:
 def test_sharded_parameters_require_the_distributed_reducer(ranks: list[dict]) -> None:
     for result in scenario(ranks, "no_reducer"):
         assert "reducer='torch_distributed'" in result["message"]
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) ------------------------------------------
+def _same_factors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(ranks: list[dict]) -> None:
+    """2 → 1: the factors come back exactly, and 3 more steps in one process end within 1e-12
+    of the uninterrupted 2-rank run (and of one process trained throughout)."""
+    saved = [r["saved"] for r in scenario(ranks, "checkpoint")]
+    resumed = worker.train(
+        "paper_mlp", steps=worker.CHECKPOINT_STEPS, resume=str(ranks[0]["checkpoint_dir"])
+    )
+    _same_factors(resumed["factors"], saved[0]["factors"])
+    _same_factors(saved[0]["factors"], saved[1]["factors"])
+    assert resumed["metrics"] == {"steps": worker.CHECKPOINT_STEPS, "skipped_steps": 0}
+    assert max_diff(resumed["params"], saved[0]["params"]) < 1e-12
+    uninterrupted = worker.train("paper_mlp", steps=worker.CHECKPOINT_STEPS)
+    assert max_diff(resumed["params"], uninterrupted["params"]) < 1e-12
+    # the last 3 steps moved the parameters: resuming from the checkpoint's parameters with a
+    # fresh optimizer state would not be within the tolerance
+    at_checkpoint = worker.train("paper_mlp", steps=worker.CHECKPOINT_STEP)
+    assert max_diff(at_checkpoint["params"], uninterrupted["params"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_in_one_process_resumes_on_two_ranks(ranks: list[dict]) -> None:
+    """1 → 2: each rank loads its rows of the state; the run ends within 1e-12 of one process."""
+    one = ranks[0]["one_process_checkpoint"]
+    resumed = [r["resumed"] for r in scenario(ranks, "checkpoint")]
+    for result in resumed:
+        _same_factors(result["factors"], one["factors"])
+        assert result["metrics"] == {"steps": worker.CHECKPOINT_STEPS, "skipped_steps": 0}
+        assert max_diff(result["params"], one["params"]) < 1e-12
