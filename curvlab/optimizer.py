@@ -36,7 +36,15 @@ from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.regions import shared_parameters
-from curvlab.sharding import LocalState, RowShard, as_global, is_sharded, local, row_shard
+from curvlab.sharding import (
+    LocalState,
+    RowShard,
+    as_global,
+    is_sharded,
+    local,
+    original_class,
+    row_shard,
+)
 from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
@@ -401,7 +409,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers = tuple(
             LayerCoverage(
                 record.name,
-                type(record.module).__name__,
+                original_class(record.module).__name__,
                 adapter_name(record.adapter),
                 sum(p.numel() for p in record.params.values() if id(p) in trainable_ids),
             )
