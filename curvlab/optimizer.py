@@ -502,10 +502,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return out
 
     def _fallback_curvature(self) -> dict[int, Tensor]:
-        """The fallback policy's curvature of each parameter without layer curvature."""
+        """The fallback policy's curvature of each parameter without layer curvature.
+
+        A sharded parameter's state is gathered first (an all-gather of its state, every
+        curvature rank in the same order): the policy normalises over the whole parameter.
+        """
         out = {}
         for _, p in self._uncovered():
-            F = self.fallback.curvature(p, self.state.get(p, {}), self.normalizer)
+            state = self.state.get(p, {})
+            if is_sharded(p):
+                state = {k: v.full_tensor() if is_sharded(v) else v for k, v in state.items()}
+            F = self.fallback.curvature(p, state, self.normalizer)
             if F is not None:
                 out[id(p)] = F
         return out

@@ -20,7 +20,7 @@ from torch import Tensor
 from curvlab.interfaces.update import Preconditioner
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
-from curvlab.sharding import RowShard, local, shard_rows_of_term
+from curvlab.sharding import RowShard, is_sharded, local, shard_rows_of_term
 
 
 @dataclass
@@ -217,7 +217,15 @@ class CurvaturePreconditioner(Preconditioner):
                 self.terms[mine] = self._shard_terms(terms, shard)
             for source in (self.elementwise, self.fallback_curvature):
                 if key in source:
-                    source[mine] = local(source[key])
+                    source[mine] = self._local_rows(source[key], shard)
+
+    @staticmethod
+    def _local_rows(F: Tensor, shard: RowShard) -> Tensor:
+        """This rank's rows of a curvature: its local tensor (a DTensor), or its rows (a whole
+        tensor of the parameter's shape, e.g. a fallback computed from gathered state)."""
+        if is_sharded(F) or F.dim() == 0 or tuple(F.shape) != tuple(shard.shape):
+            return local(F)
+        return F[shard.start : shard.stop]
 
     @staticmethod
     def _shard_terms(terms: list[Term], shard: RowShard) -> list[Term]:

@@ -58,13 +58,26 @@ def make_model(name: str) -> nn.Module:
             nn.Flatten(),
             nn.Linear(6 * 4 * 4, 3),
         )
+    elif name == "scaled_mlp":  # a parameter without an adapter (fallback), 7 rows
+        model = nn.Sequential(nn.Linear(6, 7), Scale(7), nn.Tanh(), nn.Linear(7, 3))
     else:
         raise ValueError(name)
     return model.double()
 
 
+class Scale(nn.Module):
+    """``x * w``: a parameter that no adapter pairs with a layer."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
 #: submodules passed to fully_shard before the root (the others stay in the root's group)
-SHARDED = {"mlp": (0, 3), "linear_mlp": (0, 2), "cnn": (0, 2)}
+SHARDED = {"mlp": (0, 3), "linear_mlp": (0, 2), "cnn": (0, 2), "scaled_mlp": (1,)}
 
 
 def shard(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
@@ -94,11 +107,37 @@ CASES = {
     "paper_cnn": ("AdaFisher", "cnn", {}),
     "official": ("AdaFisher", "linear_mlp", {"variant": "official", "curvature_interval": 2}),
     "adafisherw": ("AdaFisherW", "mlp", {"weight_decay": 0.1, "curvature_interval": 2}),
+    # Adam as curvlab parts (configs/adam.gin): an elementwise curvature per shard
+    "adam": (
+        "CurvatureOptimizer",
+        "mlp",
+        {
+            "estimator": "squared_gradient",
+            "normalizer": "identity",
+            "gamma": 0.999,
+            "ema_bias_correction": True,
+            "damping": "adam_epsilon",
+            "update_rule": "adam_update",
+        },
+    ),
+    # the squared-gradient fallback normalises over the whole (gathered) parameter
+    "fallback": (
+        "AdaFisher",
+        "scaled_mlp",
+        {"fallback": "squared_gradient", "warn_on_fallback": False},
+    ),
 }
 
 
 def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.CurvatureOptimizer:
     cls, _, kwargs = CASES[case]
+    kwargs = dict(kwargs)
+    if kwargs.get("damping") == "adam_epsilon":
+        kwargs["damping"] = curvlab.registry.create(
+            "damping", "constant", value=1e-8, mode="after_root"
+        )
+    if kwargs.get("update_rule") == "adam_update":
+        kwargs["update_rule"] = curvlab.registry.create("updates", "adafisher", power=0.5)
     reducer: object = "none"
     if world > 1:
         reducer = curvlab.registry.create(

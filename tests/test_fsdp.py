@@ -150,7 +150,7 @@ def test_two_ranks_match_one_process(ranks: list[dict], case: str) -> None:
     assert "DTensor" in r0["state_types"]
     # the run moved the parameters: the comparison is not trivially true
     initial = list(worker.make_model(worker.CASES[case][1]).parameters())
-    assert max_diff(reference["params"], initial) > 0.1
+    assert max_diff(reference["params"], initial) > 0.04
 
 
 @pytest.mark.slow
