@@ -219,3 +219,77 @@ def test_checkpoint_saved_in_one_process_resumes_on_two_ranks(ranks: list[dict])
         _same_factors(result["factors"], one["factors"])
         assert result["metrics"] == {"steps": worker.CHECKPOINT_STEPS, "skipped_steps": 0}
         assert max_diff(result["params"], one["params"]) < 1e-12
+
+
+# -- every built-in adapter's shard rows, in one process ----------------------------------------
+def _layer(name: str) -> tuple[torch.nn.Module, object]:
+    """A float64 layer and its forward on a small random input (under float64 defaults)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    layers = {
+        "linear": (nn.Linear(4, 5), lambda m: m(torch.randn(3, 4))),
+        "conv1d_grouped": (nn.Conv1d(2, 6, 3, groups=2), lambda m: m(torch.randn(2, 2, 8))),
+        "conv2d": (nn.Conv2d(2, 5, 3), lambda m: m(torch.randn(2, 2, 6, 6))),
+        "conv_transpose_grouped": (
+            nn.ConvTranspose2d(4, 6, 3, groups=2),
+            lambda m: m(torch.randn(2, 4, 5, 5)),
+        ),
+        "batchnorm": (nn.BatchNorm2d(3), lambda m: m(torch.randn(2, 3, 4, 4))),
+        "embedding": (nn.Embedding(7, 3), lambda m: m(torch.tensor([[1, 2, 3, 1]]))),
+        "attention": (  # q, k, v rows of one packed parameter (regions)
+            nn.MultiheadAttention(4, 2),
+            lambda m: m(*(3 * [torch.randn(3, 2, 4)]))[0],
+        ),
+    }
+    module, forward = layers[name]
+    return module.double(), forward
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "conv1d_grouped",
+        "conv2d",
+        "conv_transpose_grouped",
+        "batchnorm",
+        "embedding",
+        "attention",
+    ],
+)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_preconditioner_equals_rows_of_the_whole(name: str, world: int) -> None:
+    """For every parameter split into ``world`` row blocks as FSDP2 does (``torch.chunk``):
+    the preconditioned update of a block equals the block of the whole parameter's update,
+    for every built-in adapter layout (Kronecker rows, groups, packed regions)."""
+    import warnings
+
+    import curvlab
+    from curvlab.sharding import RowShard
+
+    module, forward = _layer(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = curvlab.AdaFisher(module, lr=0.1, allow_no_supported_layer=True)
+    torch.set_default_dtype(torch.float64)
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            forward(module).square().sum().backward()
+            opt.step()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    params = list(module.parameters())
+    updates = [torch.randn_like(p) for p in params]
+    whole = opt._make_preconditioner().solve(params, updates)
+    fallback = 1 + 1e-3  # F of a parameter without curvature: the layers have their own
+    assert all(not torch.allclose(w, v / fallback) for v, w in zip(updates, whole, strict=True))
+    for p, v, w in zip(params, updates, whole, strict=True):
+        start = 0
+        for block in torch.chunk(p.detach(), world):
+            stop = start + block.shape[0]
+            shard = RowShard(block, start, stop, p.shape, world)
+            pre = opt._make_preconditioner({id(p): shard})
+            (got,) = pre.solve([block], [v[start:stop]])
+            assert torch.equal(got, w[start:stop]), (p.shape, start, stop)
+            start = stop
