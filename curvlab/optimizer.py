@@ -33,6 +33,8 @@ from curvlab.interfaces import (
     UpdateRule,
 )
 from curvlab.interfaces.estimator import STRUCTURES
+from curvlab.interfaces.update import known_flag
+from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.regions import shared_parameters
@@ -45,7 +47,6 @@ from curvlab.sharding import (
     original_class,
     row_shard,
 )
-from curvlab.structures import dense_factor
 from curvlab.validation import check_choice, check_positive_int, check_range
 
 #: adapters of the paper variant, tried in this order ("conv2d" before "conv": a Conv2d layer
@@ -108,7 +109,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         gamma: factor EMA decay γ ∈ [0, 1); 0 disables the EMA.
         damping: λ (> 0) or a :class:`DampingPolicy` / its registered name.
         curvature_interval: statistics are captured and folded in on steps ``t % k == 0``.
-        inverse_interval: eigendecompositions of banded/full factors are refreshed every k steps.
+        inverse_interval: what banded/full layers are solved with (eigenbases, inverses of the
+            damped factors; :attr:`kronecker_solver`) is refreshed from their factors every k
+            steps.
         adapters, estimator, normalizer, update_rule, reducer, backend: plugins or their names.
         ema: ``"paper"`` (EMA of raw factors, normalised afterwards) or ``"official"``.
         ema_bias_correction: divide the EMA by ``1 − γ^t`` (Adam's second-moment correction).
@@ -180,6 +183,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.backend: Backend = registry.create("backends", backend)
         self.fallback: FallbackPolicy = registry.create("fallbacks", fallback)
         check_choice("estimator structure", self.estimator.structure, STRUCTURES)
+        #: how banded/full layers are solved (chosen by the estimator from the damping mode)
+        self.kronecker_solver: KroneckerSolver = self.estimator.kronecker_solver(
+            self.damping.mode
+        )
         if self.ema_bias_correction and self.estimator.structure != "elementwise":
             raise ValueError(
                 "ema_bias_correction divides an elementwise EMA by 1 − γ^t; the estimator "
@@ -214,6 +221,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._workspace = Workspace()  # reused curvature buffers (not state: never saved)
         self._terms_cache: tuple[object, object] = (None, None)
         self._warned_uncaptured = False
+        #: banded/full layers: curvature updates folded in, and the count (and λ) at their
+        #: last refresh (a refresh of unchanged factors is skipped; not state: never saved)
+        self._factor_versions: dict[str, int] = {}
+        self._refreshed_versions: dict[str, tuple[int, float | None]] = {}
         #: True once a curvature step captured any layer (before that, "never captured" means
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
@@ -383,9 +394,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         entry = FallbackParameter(
                             f"{record.name}.{role}",
                             tuple(p.shape),
-                            "its layer never ran a captured forward/backward (e.g. its weight "
-                            "is used functionally, as nn.MultiheadAttention does with "
-                            "out_proj)",
+                            "its layer never ran a captured forward/backward (e.g. the "
+                            "model calls F.linear on its weight instead of the module)",
                         )
                         out.append((entry, p))
         return out
@@ -451,42 +461,57 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fallback_value(self, damping: float) -> float:
         return 1.0 + damping if self.damp_fallback else 1.0
 
-    def _layer_factors(self) -> dict[str, LayerFactors]:
-        """Normalised factors per layer: entries (diagonal) or eigenpairs (banded/full)."""
+    def _layer_factors(
+        self, damping: float | None = None
+    ) -> dict[str, LayerFactors | KroneckerOperator]:
+        """Normalised factors per layer: entries (diagonal), or the solver's operator
+        (banded/full) at ``damping`` (default: this step's λ)."""
+        if damping is None:
+            damping = self.damping.value(self._step)
         paper = self.ema == "paper"
         # paper: normalised, and identity (H' = S' = 1) until the first accepted update
         diagonal = self._diagonal.factors(self.normalizer if paper else None, guard=paper)
-        out = {}
-        for record in self.layers:
-            if record.name in diagonal:
-                H, S = diagonal[record.name]
-                out[record.name] = LayerFactors("diagonal", H, S)
-                continue
-            state = self.curvature_state.get(record.name)
-            if state is None or record.structure == "diagonal":
-                continue
-            valid = state.get("eigen_valid", state["updated"])
-            LH = torch.where(valid, self.normalizer(state["LH"], "spectrum"), 1.0)
-            LS = torch.where(valid, self.normalizer(state["LS"], "spectrum"), 1.0)
-            out[record.name] = LayerFactors("eigen", LH, LS, state["QH"], state["QS"])
+        out: dict[str, LayerFactors | KroneckerOperator] = {}
+        for name, (H, S) in diagonal.items():
+            out[name] = LayerFactors("diagonal", H, S)
+        items = self._kronecker_items()
+        if items:
+            operators = self.kronecker_solver.operators(
+                items, self.normalizer, damping, self.damping.mode
+            )
+            out.update({item.name: op for item, op in zip(items, operators)})
         return out
 
-    def _refresh_eigenbases(self, only_missing: bool = False) -> None:
-        """Eigendecompositions of the banded/full EMA factors (every ``inverse_interval``, and
-        for a layer whose first factors arrived in between)."""
+    def _kronecker_items(self) -> list[RefreshItem]:
+        """Banded/full layers that have factors, in layer order."""
+        items = []
         for record in self.layers:
             state = self.curvature_state.get(record.name)
-            if record.structure == "diagonal" or state is None:
-                continue
-            if only_missing and "LH" in state:
-                continue
-            for key in ("H", "S"):
-                dense = dense_factor(record.structure, state[key])
-                values, vectors = torch.linalg.eigh(dense)
-                state["L" + key], state["Q" + key] = values, vectors
-            # an eigenbasis of never-updated (zero) factors must not precondition: identity
-            # until the next refresh after an accepted update
-            state["eigen_valid"] = state["updated"].clone()
+            if record.structure != "diagonal" and state is not None:
+                items.append(RefreshItem(record.name, record.structure, state))
+        return items
+
+    def _refresh_solver(self) -> None:
+        """Refresh what banded/full layers are solved with (:attr:`kronecker_solver`): every
+        ``inverse_interval`` steps, for a layer whose first factors arrived in between, and
+        never for a layer whose factors (and, for a solver that bakes it in, λ) are the same
+        as at its last refresh (the result would be the same)."""
+        solver = self.kronecker_solver
+        due = self._step % self.inverse_interval == 0
+        damping = self.damping.value(self._step)
+        stale = []
+        for item in self._kronecker_items():
+            version = (
+                self._factor_versions.get(item.name, 0),
+                damping if solver.uses_damping else None,
+            )
+            if solver.is_stale(item.state) or (
+                due and self._refreshed_versions.get(item.name) != version
+            ):
+                stale.append(item)
+                self._refreshed_versions[item.name] = version
+        if stale:
+            solver.refresh(stale, self.normalizer, damping, self.damping.mode)
 
     def _elementwise_curvature(self) -> dict[int, Tensor]:
         out = {}
@@ -539,7 +564,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         cached = self._terms_cache[1] if self._terms_cache[0] == key else None
         precond = CurvaturePreconditioner(
             self.layers,
-            self._layer_factors(),
+            self._layer_factors(damping),
             self._elementwise_curvature(),
             damping,
             self.damping.mode,
@@ -573,11 +598,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if scale is not None:  # output statistics (odd entries) carry the loss scale squared
             for i in range(1, len(totals), 2):
                 totals[i] = totals[i] / scale.to(totals[i].dtype).square()
-        # the small statistics checked as one vector per dtype (one norm, not one per layer)
+        # the small statistics checked as one vector per dtype (one norm, not one per layer);
+        # large ones (full factors) on their own, rather than copied into that vector
         packed: dict[torch.dtype, list[Tensor]] = {}
+        large = []
         for t in totals:
-            packed.setdefault(t.dtype, []).append(t.reshape(-1))
-        local_ok = self._local_finite(grads + [torch.cat(v) for v in packed.values()], device)
+            if t.numel() > 65536:
+                large.append(t)
+            else:
+                packed.setdefault(t.dtype, []).append(t.reshape(-1))
+        local_ok = self._local_finite(
+            grads + large + [torch.cat(v) for v in packed.values()], device
+        )
         if not records:
             return {}, self.reducer.all_finite(local_ok)
         totals, counts, ok = self.reducer.reduce_with_flag(totals, counts, local_ok)
@@ -634,22 +666,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._diagonal.update(
                 diagonal, ok, blend, 0.0 if paper else 1.0, None if paper else self.normalizer
             )
+        known = known_flag(ok)
         for name, (H_total, S_total, H_count, S_count) in stats.items():
             if name in diagonal:
                 continue
-            H_hat, S_hat = H_total / H_count, S_total / S_count
             state = self.curvature_state.get(name)
             if state is None:
                 state = {
-                    "H": torch.zeros_like(H_hat),
-                    "S": torch.zeros_like(S_hat),
-                    "updated": torch.zeros((), dtype=torch.bool, device=H_hat.device),
+                    "H": torch.zeros_like(H_total),
+                    "S": torch.zeros_like(S_total),
+                    "updated": torch.zeros((), dtype=torch.bool, device=H_total.device),
                 }
                 self.curvature_state[name] = state
             # (official EMA is diagonal-only, checked in __init__)
-            state["H"] = torch.where(ok, g * state["H"] + (1.0 - g) * H_hat, state["H"])
-            state["S"] = torch.where(ok, g * state["S"] + (1.0 - g) * S_hat, state["S"])
+            for key, total, count in (("H", H_total, H_count), ("S", S_total, S_count)):
+                if known is None:  # on a device: blend with the flag
+                    ema = state[key]
+                    state[key] = torch.where(ok, g * ema + (1.0 - g) * (total / count), ema)
+                elif known:  # on CPU (flag read for free): in place, two passes over d²
+                    if isinstance(count, Tensor):
+                        total, count = total / count, 1
+                    state[key].mul_(g).add_(total, alpha=(1.0 - g) / count)
             state["updated"] = state["updated"] | ok
+            self._factor_versions[name] = self._factor_versions.get(name, 0) + 1
 
     def _update_elementwise(self, work: list, ok: Tensor) -> None:
         """EMA of an elementwise estimator's statistic, per parameter (Adam's v)."""
@@ -748,7 +787,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._update_fallback(ok)
         if self.estimator.structure == "elementwise" and self._capture_active:
             self._update_elementwise(work, ok)
-        self._refresh_eigenbases(only_missing=self._step % self.inverse_interval != 0)
+        self._refresh_solver()
 
         self.update_rule.update(work, self._make_preconditioner(shards), ok)
         self._buffer_guard.restore(ok)
@@ -792,10 +831,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "skipped_steps": self._skipped,
             # diagonal layers' entries are views into the packed, in-place-updated factors:
             # snapshot them, as a checkpoint must not change while training goes on
+            # and the banded/full EMA factors are updated in place on CPU
             "layers": {
                 name: {k: v.clone() for k, v in state.items()}
                 if name in self._diagonal
-                else dict(state)
+                else {k: v.clone() if k in ("H", "S") else v for k, v in state.items()}
                 for name, state in self.curvature_state.items()
             },
             "layer_names": [r.name for r in self.layers],
@@ -859,6 +899,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 for k, v in state.items()
             }
             record.captured = True
+        self._refreshed_versions.clear()  # loaded solver state: refreshed at the next due step
         self._diagonal.adopt(
             [n for n in self.curvature_state if self._layer_by_name[n].structure == "diagonal"]
         )

@@ -2,10 +2,9 @@
 
 Diagonal layers never form a Kronecker matrix: ``F = S'[:, None] * H'[None, :] + λ`` (SPEC §3),
 written per parameter into a buffer reused across steps (:class:`Workspace`).
-Banded and full layers are solved in the factors' eigenbases, exact for Kronecker + λI::
-
-    (Q_S ⊗ Q_H)(Λ_S ⊗ Λ_H + λ)^{-p}(Q_S ⊗ Q_H)ᵀ vec(V)
-        = Q_S [(Q_Sᵀ V Q_H) / (Λ_S Λ_Hᵀ + λ)^p] Q_Hᵀ
+Banded and full layers are solved jointly (weight and bias) by the operators of the optimizer's
+:class:`~curvlab.kronecker.KroneckerSolver` (eigenbasis, inverses of the damped factors, or
+diagonal blocks; :mod:`curvlab.kronecker`), layers of equal shapes as one batch.
 """
 
 from __future__ import annotations
@@ -18,26 +17,22 @@ import torch
 from torch import Tensor
 
 from curvlab.interfaces.update import Preconditioner
+from curvlab.kronecker import KroneckerOperator, solve_all, split_pi
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
 from curvlab.sharding import RowShard, is_sharded, local, shard_rows_of_term
 
+__all__ = ["CurvaturePreconditioner", "LayerFactors", "Workspace", "split_pi"]
+
 
 @dataclass
 class LayerFactors:
-    """Normalised factors of one layer: entries (diagonal) or eigenpairs (banded / full)."""
+    """Normalised diagonal factors of one layer (banded/full layers come as a
+    :class:`~curvlab.kronecker.KroneckerOperator` instead)."""
 
-    structure: str  # "diagonal" or "eigen"
-    H: Tensor  # diagonal entries, or eigenvalues (groups, d)
+    structure: str  # "diagonal"
+    H: Tensor
     S: Tensor
-    QH: Tensor | None = None  # eigenvectors (groups, d, d)
-    QS: Tensor | None = None
-
-
-def split_pi(H: Tensor, S: Tensor) -> Tensor:
-    """π = sqrt((tr H / dim H) / (tr S / dim S)) of the factored damping (Martens & Grosse)."""
-    tiny = torch.finfo(H.dtype).tiny
-    return torch.sqrt(H.mean().clamp_min(tiny) / S.mean().clamp_min(tiny))
 
 
 class Workspace:
@@ -129,7 +124,7 @@ class CurvaturePreconditioner(Preconditioner):
     def __init__(
         self,
         layers: list[LayerRecord],
-        layer_factors: dict[str, LayerFactors],
+        layer_factors: dict[str, LayerFactors | KroneckerOperator],
         elementwise: dict[int, Tensor],
         damping: float,
         mode: str,
@@ -147,7 +142,7 @@ class CurvaturePreconditioner(Preconditioner):
         self.fallback_value = fallback_value
         self.elementwise = elementwise
         self.workspace = workspace if workspace is not None else Workspace()
-        self.joint: list[tuple[LayerRecord, LayerFactors]] = []
+        self.joint: list[tuple[LayerRecord, KroneckerOperator]] = []
         stable: dict[int, list[Term]] = {}
         volatile: dict[int, list[Term]] = {}
         volatile_layers: set[str] = set()
@@ -159,7 +154,7 @@ class CurvaturePreconditioner(Preconditioner):
             factors = layer_factors.get(record.name)
             if factors is None:
                 continue
-            if factors.structure == "diagonal":
+            if isinstance(factors, LayerFactors):
                 if cached is not None and record.name not in cached.volatile_layers:
                     continue  # its products are in cached.stable
                 layer_terms = self._layer_terms(record, factors.H, factors.S)
@@ -177,7 +172,7 @@ class CurvaturePreconditioner(Preconditioner):
                 continue
             if not any(id(p) in shared for p in record.params.values()):
                 self.joint.append((record, factors))
-            else:  # a shared parameter uses the eigen factors' diagonals
+            else:  # a shared parameter uses the banded/full factors' diagonals
                 derived.append((record, *self._diag_of(factors)))
         #: what the caller may pass back as ``cached`` while the factors' storage stays the
         #: same (the layout): the products that view it, and which layers to rebuild anyway
@@ -263,10 +258,9 @@ class CurvaturePreconditioner(Preconditioner):
         ]
 
     @staticmethod
-    def _diag_of(factors: LayerFactors) -> tuple[Tensor, Tensor]:
-        """Diagonals of Q diag(Λ) Qᵀ, shaped like diagonal factors ((groups, d) → squeeze)."""
-        H = ((factors.QH * factors.QH) @ factors.H.unsqueeze(-1)).squeeze(-1)
-        S = ((factors.QS * factors.QS) @ factors.S.unsqueeze(-1)).squeeze(-1)
+    def _diag_of(operator: KroneckerOperator) -> tuple[Tensor, Tensor]:
+        """diag(H'), diag(S'), shaped like diagonal factors ((groups, d) → squeeze)."""
+        H, S = operator.factor_diagonals()
         return (H[0] if H.shape[0] == 1 else H), S.reshape(-1)
 
     # -- diagonal curvature into a buffer ------------------------------------------------------
@@ -401,8 +395,13 @@ class CurvaturePreconditioner(Preconditioner):
         for i, p in enumerate(params):
             divisor = None if prepared is None else prepared[i]
             if joint[i] is not None:
-                d = joint[i] if divisor is None else joint[i] / divisor.value
-                p.add_(d.to(p.dtype), alpha=alpha)
+                solved = joint[i].to(p.dtype)
+                if divisor is None:
+                    p.add_(solved, alpha=alpha)
+                elif divisor.value.dtype == p.dtype:  # one pass; d = inf leaves θ unchanged
+                    p.addcdiv_(solved, divisor.value, value=alpha)
+                else:
+                    p.add_((joint[i] / divisor.value).to(p.dtype), alpha=alpha)
                 continue
             den = self._elementwise_or_diagonal(p, power, divisor)
             if den is None:
@@ -454,7 +453,8 @@ class CurvaturePreconditioner(Preconditioner):
         self, params: list[Tensor], tensors: list[Tensor], power: float, out: list
     ) -> None:
         index = {id(p): i for i, p in enumerate(params)}
-        for record, factors in self.joint:
+        jobs, operators, matrices = [], [], []
+        for record, operator in self.joint:
             roles = {
                 r: index[id(p)]
                 for r, p in record.params.items()
@@ -462,12 +462,17 @@ class CurvaturePreconditioner(Preconditioner):
             }
             if not roles:
                 continue
-            adapter, module, regions = record.adapter, record.module, record.regions
-            matrix = adapter.to_matrix(
-                module, {r: rows_of(tensors[i], regions.get(r)) for r, i in roles.items()}
+            regions = record.regions
+            matrix = record.adapter.to_matrix(
+                record.module, {r: rows_of(tensors[i], regions.get(r)) for r, i in roles.items()}
             )
-            solved = self._eigen_solve(matrix.to(factors.H.dtype), factors, power)
-            pieces = adapter.from_matrix(module, solved)
+            jobs.append((record, roles))
+            operators.append(operator)
+            matrices.append(matrix.to(operator.dtype))
+        # layers whose operators share a batch (equal shapes) are solved as one
+        for (record, roles), solved in zip(jobs, solve_all(operators, matrices, power)):
+            regions = record.regions
+            pieces = record.adapter.from_matrix(record.module, solved)
             for role, i in roles.items():
                 piece = pieces[role].to(tensors[i].dtype)
                 region = regions.get(role)
@@ -477,22 +482,6 @@ class CurvaturePreconditioner(Preconditioner):
                     if out[i] is None:
                         out[i] = torch.empty_like(tensors[i])
                     out[i][region] = piece
-
-    def _eigen_solve(self, matrix: Tensor, f: LayerFactors, power: float) -> Tensor:
-        rotated = f.QS.transpose(-1, -2) @ matrix @ f.QH
-        LS, LH = f.S.unsqueeze(-1), f.H.unsqueeze(-2)
-        if self.mode == "factored":
-            pi = split_pi(f.H, f.S)
-            root = math.sqrt(self.damping)
-            denom = (LS + root / pi) * (LH + pi * root)
-            denom = denom if power == 1.0 else denom.pow(power)
-        elif self.mode == "after_root":
-            denom = LS * LH
-            denom = (denom if power == 1.0 else denom.clamp_min(0).pow(power)) + self.damping
-        else:
-            denom = LS * LH + self.damping
-            denom = denom if power == 1.0 else denom.pow(power)
-        return f.QS @ (rotated / denom) @ f.QH.transpose(-1, -2)
 
     def dense_diagonal(self, param: Tensor) -> Tensor:
         """diag(F), damping included, such that the update divides by ``F^p`` — except with
@@ -530,13 +519,7 @@ class CurvaturePreconditioner(Preconditioner):
             return F + self.damping
         return F
 
-    def _joint_diagonal(self, record: LayerRecord, factors: LayerFactors) -> dict[str, Tensor]:
-        H = ((factors.QH * factors.QH) @ factors.H.unsqueeze(-1)).squeeze(-1)  # (groups, d)
-        S = ((factors.QS * factors.QS) @ factors.S.unsqueeze(-1)).squeeze(-1)  # (groups, o)
-        if self.mode == "factored":
-            pi = split_pi(factors.H, factors.S)
-            root = math.sqrt(self.damping)
-            F = (S + root / pi).unsqueeze(-1) * (H + pi * root).unsqueeze(-2)
-        else:
-            F = S.unsqueeze(-1) * H.unsqueeze(-2) + self.damping
-        return record.adapter.from_matrix(record.module, F)
+    def _joint_diagonal(
+        self, record: LayerRecord, operator: KroneckerOperator
+    ) -> dict[str, Tensor]:
+        return record.adapter.from_matrix(record.module, operator.damped_diagonal())

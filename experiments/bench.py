@@ -259,6 +259,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
 }
 DEFAULT_MODELS = ("mlp", "resnet18", "resnet50", "gpt")
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)  # the rows below run when named
+
+# ASDL's K-FAC baseline, the K-FAC / banded rows at curvature 10 / inverse 100, ResNet-18 b16
+from curvlab.experiments import bench_baselines  # noqa: E402
+
+bench_baselines.register(OPTIMIZERS, WORKLOADS, OptimizerSpec, _resnet)
 
 
 def period_of(opt: torch.optim.Optimizer | None) -> int:
@@ -346,6 +352,10 @@ class Runner:
         self.steps_done = 0
 
     def step(self) -> None:
+        if hasattr(self.opt, "train_step"):  # a baseline that owns its whole step (ASDL)
+            self.opt.train_step(self.model, self.x, self.y, self.loss_fn)
+            self.steps_done += 1
+            return
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
         else:
@@ -790,7 +800,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--optimizers",
         type=_csv,
         default=None,
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)",
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: "
+        f"{', '.join(DEFAULT_OPTIMIZERS)})",
     )
     p.add_argument(
         "--skip",
@@ -866,7 +877,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.optimizers is None:
-        args.optimizers = list(OPTIMIZERS)
+        args.optimizers = list(DEFAULT_OPTIMIZERS)
     for m in args.models:
         if m not in WORKLOADS:
             raise SystemExit(

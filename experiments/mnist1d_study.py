@@ -378,6 +378,14 @@ def stage_time(study: str, args: argparse.Namespace) -> None:
         f"mean exceeds {max_load:g}).\n\n" + "\n".join(lines) + "\n")
 
 
+def _protocol_epochs(grid: ablate.Grid) -> float:
+    """A sweep's length in epochs of the full training set (40 batches of 100): its
+    ``train.epochs`` binding over the validation split's 3200 sequences (32 batches)."""
+    found = [re.fullmatch(r"train\.epochs\s*=\s*(\d+)", b.strip()) for b in grid.bindings]
+    epochs = next((int(m[1]) for m in found if m), 200)
+    return epochs * 32 / 40
+
+
 def stage_estimate(study: str, args: argparse.Namespace) -> None:
     """Predicted time of the full sweep and grids of ``study``, one run at a time, from the
     per-epoch training time and the start-up overhead of a finished (pilot) steps stage in
@@ -403,15 +411,16 @@ def stage_estimate(study: str, args: argparse.Namespace) -> None:
     if spec.sweep:
         stages.insert(0, ("sweep", spec.sweep))
     total_h = 0.0
-    for label, path in stages:  # 8000 steps: 200 epochs of 40 batches (sweep: 250 of 32)
+    for label, path in stages:
         grid = ablate.load_grid(CONFIG_ROOT / path)
+        epochs = _protocol_epochs(grid) if label == "sweep" else 200.0
         seconds = 0.0
         for name in grid.variants:
             if label == "time":  # every run trains for the reference's time
                 seconds += len(grid.seeds) * (fixed + 200 * rate(args.reference))
             else:
                 base = name.rpartition("_lr")[0] if label == "sweep" else name
-                seconds += len(grid.seeds) * (fixed + 200 * rate(base))
+                seconds += len(grid.seeds) * (fixed + epochs * rate(base))
         total_h += seconds / 3600
         print(f"{study} {label}: {len(grid.variants)} variants x {len(grid.seeds)} seeds, "
               f"{seconds / 3600:.1f} h")
@@ -420,8 +429,123 @@ def stage_estimate(study: str, args: argparse.Namespace) -> None:
           f"s/epoch: " + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in per_epoch.items()))
 
 
+def _rows(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r["status"] == "ok"]
+
+
+def paired(rows: Sequence[dict[str, Any]], variant: str, reference: str,
+           key: str = "test_accuracy") -> tuple[float, float, int, int] | None:
+    """``variant − reference`` over the seeds both finished (same seed: same initial weights and
+    batches): (mean, sample std, seeds where the variant is higher, seeds)."""
+    by = {(r["variant"], r["seed"]): float(r[key]) for r in rows}
+    seeds = sorted({s for v, s in by if v == variant} & {s for v, s in by if v == reference})
+    if not seeds:
+        return None
+    diff = [by[(variant, s)] - by[(reference, s)] for s in seeds]
+    mean, std = ablate.mean_std(diff)
+    return mean, std, sum(d > 0 for d in diff), len(seeds)
+
+
+def summary_markdown(steps: Sequence[dict[str, Any]], timed: Sequence[dict[str, Any]],
+                     rates: dict[str, str], reference: str) -> str:
+    """One line per variant: final test accuracy at equal steps and at equal wall-clock (mean ±
+    sample std over seeds, n), and the paired difference to ``reference``."""
+    def acc(rows: Sequence[dict[str, Any]], variant: str) -> tuple[str, list[dict[str, Any]]]:
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            return "—", mine
+        mean, std = ablate.mean_std([float(r["test_accuracy"]) for r in mine])
+        return f"{100 * mean:.2f} ± {100 * std:.2f} ({len(mine)})", mine
+
+    def delta(rows: Sequence[dict[str, Any]], variant: str) -> str:
+        if variant == reference or (d := paired(rows, variant, reference)) is None:
+            return "—"
+        mean, std, wins, n = d
+        return f"{100 * mean:+.2f} ± {100 * std:.2f} ({wins}/{n})"
+
+    variants = list(dict.fromkeys([r["variant"] for r in steps] + [r["variant"] for r in timed]))
+    lines = [f"| variant | lr | equal steps: test acc. % (seeds) | Δ vs {reference} (wins) | "
+             f"equal wall-clock: test acc. % (seeds) | Δ vs {reference} (wins) | "
+             f"epochs in the budget |", "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        a_steps, _ = acc(steps, v)
+        a_time, mine = acc(timed, v)
+        epochs = (f"{ablate.mean_std([float(r['epoch']) for r in mine])[0]:.0f}"
+                  if mine else "—")
+        lines.append(f"| `{v}` | {rates.get(v, '—')} | {a_steps} | {delta(steps, v)} | "
+                     f"{a_time} | {delta(timed, v)} | {epochs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(runs_dir: Path, variants: Sequence[str], path: Path, title: str,
+               per_epoch: int = 40) -> None:
+    """Test accuracy against optimizer steps (epoch × batches per epoch), mean over seeds with a
+    min–max band, one line per variant; the y axis starts at the worst final mean − 5 points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.2, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finals = []
+    for i, variant in enumerate(variants):
+        histories = []
+        for metrics in sorted((runs_dir / variant).glob("seed_*/metrics.jsonl")):
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            histories.append(rows)
+        xs, ys, lo, hi = ablate.mean_curves(histories, "epoch", "test_accuracy")
+        if not xs:
+            continue
+        steps = [per_epoch * x for x in xs]
+        (line,) = ax.plot(steps, [100 * y for y in ys], ("-", "--", ":", "-.")[i // 10 % 4],
+                          label=f"{variant} ({len(histories)})")
+        ax.fill_between(steps, [100 * y for y in lo], [100 * y for y in hi],
+                        color=line.get_color(), alpha=0.12, linewidth=0)
+        finals.append(100 * ys[-1])
+    if finals:
+        ax.set_ylim(max(0.0, min(finals) - 5), 100)
+    ax.set_xlabel("optimizer steps (batch 100)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title} (mean over seeds, band min–max)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.savefig(path, dpi=110)
+
+
+def stage_report(study: str, args: argparse.Namespace) -> None:
+    """``OUT/<study>/summary.md``: the equal-steps and equal-wall-clock tables side by side, with
+    paired differences to ``--reference``; ``test_accuracy_vs_step.png`` of the steps stage."""
+    spec = STUDIES[study]
+    root = args.out / study
+    steps, timed = _rows(root / "steps" / "results.csv"), _rows(root / "time" / "results.csv")
+    if not steps and not timed:
+        raise SystemExit(f"{study}: no finished steps or time stage under {root}")
+    macros, status = read_lr_file(args.lr_file)
+    variants = ablate.load_grid(CONFIG_ROOT / spec.grid).variants
+    rates = {v: macros.get(m[1], "?") for v, items in variants.items()
+             for i in items if (m := re.search(r"%(LR_\w+)", i))}
+    text = (f"# mnist1d {study}: equal steps and equal wall-clock\n\nFinal test accuracy, "
+            f"mean ± sample std over seeds (number of seeds); Δ: the paired difference to "
+            f"`{args.reference}` over the same seeds (same initial weights, same batches), mean ± "
+            f"std, and in how many seeds the variant was higher. Learning rates: {args.lr_file} "
+            f"(status {status.get(spec.prefix, '?')}). Equal wall-clock: every variant trains "
+            f"for the training time `{args.reference}` took for the full protocol in the same "
+            f"block (see time/load.md).\n\n"
+            + summary_markdown(steps, timed, rates, args.reference))
+    (root / "summary.md").write_text(text)
+    if (root / "steps").is_dir():
+        plot_steps(root / "steps", list(variants), root / "steps" / "test_accuracy_vs_step.png",
+                   f"mnist1d {study}: equal steps")
+    print(text, end="")
+
+
 STAGES = {"sweep": stage_sweep, "select": stage_select, "steps": stage_steps,
-          "time": stage_time, "estimate": stage_estimate}
+          "time": stage_time, "estimate": stage_estimate, "report": stage_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -325,7 +325,7 @@ def _train_in_context(
     if fsdp:  # before the optimizer: it must hold the sharded parameters
         shard_model(net)
     opt = optimizer(net)
-    coverage = _coverage(opt, quiet or not ctx.is_main)
+    coverage = report_coverage(opt, quiet or not ctx.is_main)
     trained = net
     if ctx.world > 1:
         if batch_size % ctx.world:
@@ -451,7 +451,7 @@ def _train_in_context(
     return summary
 
 
-def _coverage(opt: torch.optim.Optimizer, quiet: bool) -> dict[str, Any]:
+def report_coverage(opt: torch.optim.Optimizer, quiet: bool) -> dict[str, Any]:
     """A curvlab optimizer's curvature coverage: printed as one line (unless quiet) and
     returned as ``{"coverage": ...}`` for summary.json (``{}`` for other optimizers)."""
     report = getattr(opt, "coverage", None)

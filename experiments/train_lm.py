@@ -207,6 +207,7 @@ def _train_lm(
     if context is None:
         raise ValueError("lm.train_lm.context is required for a model without a .context")
     opt = optimizer(net)
+    coverage = _train.report_coverage(opt, quiet)
     n_params = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
 
     def lr_factor(step: int) -> float:  # step = number of steps already taken
@@ -390,6 +391,7 @@ def _train_lm(
             summary,
             eval_tokens={k: final.get(f"final_{k}_tokens") for k in ("val", "test")},
             **extra,
+            **coverage,
             run=header,
         )
         rundir.atomic_write_text(out / rundir.CONFIG, gin.operative_config_str())

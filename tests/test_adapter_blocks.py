@@ -225,11 +225,18 @@ def test_blocks_of_different_structures_make_the_parameter_shared():
     opt = train(packed, adapters=[PackedPairAdapter(second_rows=False)], estimator="full")
     assert [r.structure for r in opt.layers] == ["full", "diagonal"]
     assert opt._shared == {id(packed.weight), id(packed.bias)}
-    factors = opt._layer_factors()
-    first, second = factors["first"], factors["second"]
-    H1 = ((first.QH * first.QH) @ first.H.unsqueeze(-1)).squeeze(-1)[0]
-    S1 = ((first.QS * first.QS) @ first.S.unsqueeze(-1)).squeeze(-1)[0]
     lam = 1e-3
+    factors = opt._layer_factors(lam)
+    first, second = factors["first"], factors["second"]
+    # diag(Q diag(Λ) Qᵀ) of the first block's normalised factors, from its eigenbasis
+    state = opt.curvature_state["first"]
+    assert bool(state["eigen_valid"])
+    LH, LS = (opt.normalizer(state[k], "spectrum") for k in ("LH", "LS"))
+    H1 = ((state["QH"] * state["QH"]) @ LH.unsqueeze(-1)).squeeze(-1)[0]
+    S1 = ((state["QS"] * state["QS"]) @ LS.unsqueeze(-1)).squeeze(-1)[0]
+    got_H, got_S = first.factor_diagonals()
+    torch.testing.assert_close(got_H[0], H1, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_S[0], S1, rtol=1e-12, atol=1e-15)
     want = torch.cat([S1[:, None] * H1[None, :IN], second.S[:, None] * second.H[None, :IN]]) + lam
     torch.testing.assert_close(opt.preconditioner(packed.weight), want, rtol=1e-12, atol=1e-15)
 

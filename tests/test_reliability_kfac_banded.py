@@ -36,7 +36,6 @@ CASES = {
     "banded": ("banded_adafisher.gin", ()),
     "adam": ("adam.gin", ()),
 }
-EIGEN_KEYS = ("LH", "QH", "LS", "QS")
 
 
 class NoBNConvNet(nn.Sequential):
@@ -155,8 +154,9 @@ def test_non_finite_step_is_skipped_and_changes_nothing(case, where, position):
         # factors and the cached eigenbases (K-FAC: not a refresh step at position 3 unless
         # inverse_interval = 1, where the refresh recomputes them from the unchanged factors)
         assert_equal_tree(before["curvature"], after["curvature"], "curvature")
-        if case != "adam":
-            assert all(set(EIGEN_KEYS) <= set(s) for n, s in after["curvature"].items() if n != "4")
+        if case != "adam":  # what the solver caches (eigenbases, inverses, blocks)
+            keys = set(opt_faulty.kronecker_solver.state_keys)
+            assert all(keys <= set(s) for n, s in after["curvature"].items() if n != "4")
     else:
         for name, state in after["curvature"].items():  # nothing accepted yet
             assert not bool(state["updated"]), name
@@ -177,12 +177,16 @@ def test_non_finite_step_is_skipped_and_changes_nothing(case, where, position):
     )
 
 
-def test_skipped_first_step_never_preconditions_with_a_stale_eigenbasis():
-    """A skipped first curvature step leaves zero factors whose cached eigenbasis (eigh(0))
-    must not precondition: until the next refresh after an accepted update the layer uses the
-    identity (all normalised eigenvalues 1), then the refreshed eigenbasis of the factors."""
+@pytest.mark.parametrize("solver", ["inverse", "eigen"])
+def test_skipped_first_step_never_preconditions_with_a_stale_eigenbasis(solver):
+    """A skipped first curvature step leaves zero factors whose cached eigenbasis (eigh(0)) or
+    inverse must not precondition: until the next refresh after an accepted update the layer
+    uses identity factors (all normalised eigenvalues 1), then the refreshed factors'."""
     model, _ = twins()
-    opt = build("kfac", model, "optimizer.inverse_interval = 3")
+    opt = build(
+        "kfac", model, "optimizer.inverse_interval = 3", f"estimators.full.solver = {solver!r}"
+    )
+    assert opt.kronecker_solver.name == solver
     batches = image_batches(4)
     (x, y), (x2, y2) = batches[:2]
     bad = x.clone()
@@ -191,21 +195,38 @@ def test_skipped_first_step_never_preconditions_with_a_stale_eigenbasis():
     one_step(model, opt, x2, y2)  # step 1: accepted, not a refresh step
     assert opt.metrics() == {"steps": 2, "skipped_steps": 1}
     lam = opt.damping.value(1)
+    root = math.sqrt(lam)
     joint = [r for r in opt.layers if r.structure != "diagonal"]
     assert joint
     for record in joint:
-        assert not bool(opt.curvature_state[record.name]["eigen_valid"])
+        state = opt.curvature_state[record.name]
+        assert bool(state["updated"])
+        if solver == "eigen":
+            assert not bool(state["eigen_valid"])
+        else:  # identity factors damped with π = 1
+            eye = torch.eye(state["H_inv"].shape[-1], dtype=torch.float64)
+            torch.testing.assert_close(state["H_inv"][0], eye / (1 + root))
         F = opt.preconditioner(record.params["weight"])
         # factored damping of identity factors (π = 1): (1 + √λ)² on every entry
-        torch.testing.assert_close(F, torch.full_like(F, (1 + math.sqrt(lam)) ** 2))
+        torch.testing.assert_close(F, torch.full_like(F, (1 + root) ** 2))
     one_step(model, opt, *batches[2])  # step 2
     one_step(model, opt, *batches[3])  # step 3: refresh
     for record in joint:
         state = opt.curvature_state[record.name]
-        assert bool(state["eigen_valid"])
-        for key in ("H", "S"):
-            values = torch.linalg.eigvalsh(dense_factor(record.structure, state[key]))
-            torch.testing.assert_close(state["L" + key], values, rtol=1e-8, atol=1e-12)
+        H, S = (dense_factor(record.structure, state[k]) for k in ("H", "S"))
+        if solver == "eigen":
+            assert bool(state["eigen_valid"])
+            for key, M in (("H", H), ("S", S)):
+                values = torch.linalg.eigvalsh(M)
+                torch.testing.assert_close(state["L" + key], values, rtol=1e-8, atol=1e-12)
+        else:  # the inverses of the factors with the π-split damping (identity normaliser)
+            pi = torch.sqrt(
+                H.diagonal(dim1=-2, dim2=-1).mean() / S.diagonal(dim1=-2, dim2=-1).mean()
+            )
+            for key, M, shift in (("H", H, pi * root), ("S", S, root / pi)):
+                eye = torch.eye(M.shape[-1], dtype=M.dtype)
+                expected = torch.linalg.inv(M + shift * eye)
+                torch.testing.assert_close(state[key + "_inv"], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_skipped_steps_shift_the_inverse_interval_phase():
@@ -219,10 +240,12 @@ def test_skipped_steps_shift_the_inverse_interval_phase():
     bad = batches[2][0].clone()
     bad[0, 0, 0, 0] = math.nan
     one_step(model, opt, bad, batches[2][1])  # step 2: skipped
-    cached = {n: s["QH"].clone() for n, s in opt.curvature_state.items() if "QH" in s}
+    key = opt.kronecker_solver.state_keys[0]  # the solver's cache (K-FAC: the inverse of H')
+    cached = {n: s[key].clone() for n, s in opt.curvature_state.items() if key in s}
+    assert cached
     one_step(model, opt, *batches[2])  # step 3 = a refresh step, on the third batch
     assert opt.metrics() == {"steps": 4, "skipped_steps": 1}
-    assert any(not torch.equal(opt.curvature_state[n]["QH"], q) for n, q in cached.items())
+    assert any(not torch.equal(opt.curvature_state[n][key], q) for n, q in cached.items())
 
 
 def test_kfac_state_does_not_load_into_a_banded_optimizer():

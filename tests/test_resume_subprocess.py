@@ -165,7 +165,9 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
         )
     # the caches that make K-FAC/banded resume subtle are really in the checkpoint
     saved = torch.load(tmp_path / "kfac.pt")["optimizer"]["curvature"]["layers"]
-    assert {"QH", "QS", "LH", "LS"} <= set(saved["0"])
+    assert {"H_inv", "S_inv"} <= set(saved["0"])  # K-FAC's inverses of the damped factors
+    saved = torch.load(tmp_path / "banded.pt")["optimizer"]["curvature"]["layers"]
+    assert {"QH_blocks", "QS_blocks", "LH", "LS"} <= set(saved["0"])  # banded's block eigenbases
 
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])

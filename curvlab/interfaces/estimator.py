@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+
+if TYPE_CHECKING:
+    from curvlab.kronecker import KroneckerSolver
 
 #: structures the core knows how to precondition with
 STRUCTURES = ("diagonal", "banded", "full", "elementwise")
@@ -37,6 +40,13 @@ class FactorEstimator(ABC):  # noqa: B024 - every method has a default; none is 
     def layer_structure(self, adapter: LayerAdapter) -> str:
         """The structure used for layers of this adapter (default: :attr:`structure`)."""
         return self.structure
+
+    def kronecker_solver(self, damping_mode: str) -> KroneckerSolver:
+        """How banded/full layers are solved (default: inverses of the damped factors for
+        ``factored`` damping, the exact eigenbasis solve otherwise; :mod:`curvlab.kronecker`)."""
+        from curvlab.kronecker import default_solver  # (it imports the interfaces)
+
+        return default_solver(damping_mode)
 
     def input_statistic(
         self,

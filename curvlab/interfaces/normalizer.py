@@ -54,5 +54,11 @@ class Normalizer(ABC):
         parts = flat.split(segments.sizes)
         return torch.cat([self(part, "diagonal") for part in parts])
 
+    def normalize_matrix(self, matrix: Tensor) -> Tensor | None:
+        """The normalised banded/full factor computed from the (groups, d, d) matrix itself,
+        for maps that need no eigenvalues (identity, trace): then K-FAC's inverse solve needs
+        no eigendecomposition. None (the default): the core normalises the spectrum."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -6,8 +6,33 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
+from curvlab.kronecker import SOLVERS, KroneckerSolver, make_solver
 from curvlab.plugins.estimators.diagonal import DiagonalEstimator
 from curvlab.registry import register
+from curvlab.validation import check_choice, check_positive_int
+
+#: dimension from which :func:`gram` computes one block triangle (below, one product)
+GRAM_BLOCK = 256
+
+
+def gram(rows: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``rowsᵀ rows`` for rows of shape (groups, R, d): the lower block triangle by one product
+    per block row (about (k+1)/2k of the multiply-adds of the full product, k = ⌈d/block⌉),
+    mirrored into the upper one (exactly symmetric); for d < 2·block the plain product. For a
+    convolution's patches (R = N·positions ≫ d) this product is a large part of a curvature
+    step (ResNet-18, batch 16: 0.18 → 0.12 s for the first stage's 16384 × 576 patches)."""
+    d = rows.shape[-1]
+    if d < 2 * block:
+        return rows.transpose(-1, -2) @ rows
+    out = rows.new_empty(*rows.shape[:-2], d, d)
+    for start in range(0, d, block):
+        end = min(start + block, d)
+        piece = rows[..., start:end]
+        out[..., start:end, :end] = piece.transpose(-1, -2) @ rows[..., :end]
+        out[..., :start, start:end] = out[..., start:end, :start].transpose(-1, -2)
+        diagonal = out[..., start:end, start:end]  # its own lower triangle, mirrored
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).transpose(-1, -2))
+    return out
 
 
 def grouped_output_rows(
@@ -28,10 +53,22 @@ class KroneckerRowsEstimator(DiagonalEstimator):
     ``batch_averaged``; curvlinops' convention for a mean-reduced loss). ``False`` keeps the
     gradient as backpropagated. Layers whose adapter has no rows (normalisation layers,
     embeddings) get diagonal factors with the same scaling.
+
+    ``solver`` says how the layers are preconditioned (:mod:`curvlab.kronecker`): ``"auto"``
+    (the exact solve: inverses of the damped factors with factored damping, two products per
+    layer and step; the factors' eigenbases otherwise), ``"eigen"``, ``"inverse"`` (factored
+    damping only), or ``"block"`` (eigenbases of the factors' diagonal blocks of size
+    ``block_size``: approximate, see :mod:`curvlab.kronecker_block`).
     """
 
-    def __init__(self, per_sample: bool = True) -> None:
+    def __init__(self, per_sample: bool = True, solver: str = "auto", block_size: int = 64) -> None:
         super().__init__(per_sample=per_sample)
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.block_size = check_positive_int("block_size", block_size)
+
+    def kronecker_solver(self, damping_mode: str) -> KroneckerSolver:
+        options = {"block_size": self.block_size} if self.solver == "block" else {}
+        return make_solver(self.solver, damping_mode, **options)
 
     def layer_structure(self, adapter: LayerAdapter) -> str:
         return self.structure if adapter.supports_rows else "diagonal"
@@ -77,4 +114,10 @@ class FullEstimator(KroneckerRowsEstimator):
     structure = "full"
 
     def second_moment(self, rows: Tensor) -> Tensor:
-        return rows.transpose(1, 2) @ rows
+        return gram(rows)
+
+    def __repr__(self) -> str:
+        block = f", block_size={self.block_size}" if self.solver == "block" else ""
+        return (
+            f"FullEstimator(per_sample={self.per_sample}, solver={self.solver!r}{block})"
+        )

@@ -17,3 +17,6 @@ class IdentityNormalizer(Normalizer):
 
     def normalize_segments(self, flat: Tensor, segments: Segments) -> Tensor:
         return flat
+
+    def normalize_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix

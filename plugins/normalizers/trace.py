@@ -17,3 +17,7 @@ class TraceNormalizer(Normalizer):
 
     def __call__(self, values: Tensor, structure: str = "diagonal") -> Tensor:
         return values / (values.mean() + self.eps)
+
+    def normalize_matrix(self, matrix: Tensor) -> Tensor:
+        # the mean eigenvalue is the mean diagonal entry (tr M / dim, over all groups)
+        return matrix / (matrix.diagonal(dim1=-2, dim2=-1).mean() + self.eps)

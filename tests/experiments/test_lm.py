@@ -221,3 +221,18 @@ def test_wikitext2_corpus_has_the_same_interface(tmp_path):
     w = wikitext2_corpus(root=tmp_path, tokenizer="words")
     assert w.vocab_size == len(w.vocab) and w.info["bytes_per_token"]["valid"] == 10 / 3
     assert w.info["fingerprint"] != b.info["fingerprint"]
+
+
+def test_train_lm_reports_a_curvlab_optimizers_coverage(tmp_path, capsys):
+    """The LM runner prints the coverage line before training and writes it to summary.json,
+    as `curvlab run` does; torch.optim baselines have none (the AdamW run above)."""
+    import curvlab
+
+    train_lm(model=tiny_gpt, data=tiny_corpus, optimizer=lambda m: curvlab.AdaFisherW(m, lr=1e-3),
+             steps=2, batch_size=2, eval_every=2, eval_tokens=128, final_eval_tokens=128,
+             evaluate_test=False, out_dir=tmp_path)
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert first.startswith("curvature coverage 100.00% (")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["coverage"]["share"] == 1.0
+    assert saved["coverage"]["total_elements"] > 0

@@ -73,7 +73,7 @@ def finish(run, acc, loss=1.0, train_time=1.0, epochs=2):
 def test_select_stage_writes_the_rates_of_a_finished_sweep(tmp_path):
     sweep = ablate.load_grid(CONFIG_ROOT / "ablations" / "mnist1d_gru_lr_sweep.gin")
     out = tmp_path / "runs"
-    best = {"adafisher": "3e-3", "fallback_sq": "1e-4", "adam": "1e-2"}
+    best = {"adafisher": "3e-3", "fallback_sq": "1e-3", "adam": "1e-2"}
     for run in sweep.runs(out / "gru" / "sweep"):
         base, _, lr = run.variant.rpartition("_lr")
         finish(run, 0.9 if lr == best[base] else 0.5)
@@ -82,7 +82,7 @@ def test_select_stage_writes_the_rates_of_a_finished_sweep(tmp_path):
     macros, status = read_lr_file(lr_file)
     assert status["LR_GRU"] == "selected" and status["LR_CNN"] == "provisional"
     assert {k: macros[k] for k in macros if k.startswith("LR_GRU")} == {
-        "LR_GRU_ADAFISHER": "3e-3", "LR_GRU_FALLBACK_SQ": "1e-4", "LR_GRU_ADAM": "1e-2"}
+        "LR_GRU_ADAFISHER": "3e-3", "LR_GRU_FALLBACK_SQ": "1e-3", "LR_GRU_ADAM": "1e-2"}
     assert macros["LR_CNN_ADAM"] == read_lr_file(DEFAULT_LR_FILE)[0]["LR_CNN_ADAM"]  # kept
     assert "edge of the swept range" in lr_file.read_text()  # fallback_sq: the lowest rate
     assert (out / "gru" / "sweep" / "selection.md").is_file()
@@ -135,10 +135,40 @@ def test_estimate_adds_up_the_grid_from_measured_epoch_times(tmp_path, capsys):
         (run / "load.json").write_text(json.dumps(dict(process_s=10 * per_epoch + 10)))
     mnist1d_study.main(["estimate", "--study", "gru", "--from", str(pilot)])
     lines = capsys.readouterr().out.splitlines()
-    # 8000 steps = 200 epochs; 10 s start-up; fallback_sq (not in the pilot) at the slowest rate
-    sweep = 4 * (10 + 200 * 1.0) + 5 * (10 + 200 * 2.0) + 5 * (10 + 200 * 2.0)  # 1 seed
+    # 8000 steps = 200 epochs; 10 s start-up; fallback_sq (not in the pilot) at the slowest rate;
+    # the sweep: 63 epochs of the validation split's 32 batches = 50.4 epochs of 40, 1 seed
+    sweep = 3 * (10 + 50.4 * 1.0) + 4 * (10 + 50.4 * 2.0) + 4 * (10 + 50.4 * 2.0)
     steps = 5 * ((10 + 200 * 1.0) + 2 * (10 + 200 * 2.0))
     budget = 3 * 5 * (10 + 200 * 1.0)  # every timed run lasts the reference's (adam) time
     assert lines[0].endswith(f"{sweep / 3600:.1f} h") and lines[1].endswith(f"{steps / 3600:.1f} h")
     assert lines[2].endswith(f"{budget / 3600:.1f} h")
     assert lines[3].startswith(f"gru total: {(sweep + steps + budget) / 3600:.1f} h")
+
+
+def test_paired_difference_is_over_the_seeds_both_finished():
+    rows = [row("adam", 0, 0.90, 1.0), row("adam", 1, 0.80, 1.0), row("adam", 2, 0.70, 1.0),
+            row("sgd", 0, 0.95, 1.0), row("sgd", 1, 0.70, 1.0)]  # sgd seed 2 missing
+    mean, std, wins, n = mnist1d_study.paired(rows, "sgd", "adam")
+    # differences +0.05 and -0.10: mean -0.025, sample std sqrt(2 * 0.075^2) = 0.10607
+    assert (wins, n) == (1, 2)
+    assert mean == pytest.approx(-0.025) and std == pytest.approx(0.106066, abs=1e-6)
+    assert mnist1d_study.paired(rows, "kfac", "adam") is None
+
+
+def test_report_stage_puts_equal_steps_and_equal_time_side_by_side(tmp_path):
+    grid = ablate.load_grid(CONFIG_ROOT / "ablations" / "mnist1d_gru.gin")
+    out = tmp_path / "runs"
+    acc = {"adam": [0.90, 0.92], "adafisher": [0.85, 0.91], "fallback_sq": [0.93, 0.95]}
+    for stage, shift in (("steps", 0.0), ("time", -0.01)):
+        runs = grid.runs(out / "gru" / stage)
+        for r in runs:
+            if r.seed < 2:
+                finish(r, acc[r.variant][r.seed] + shift, epochs=3 if stage == "time" else 2)
+        ablate.report(grid, runs, out / "gru" / stage, stage, None)
+    mnist1d_study.main(["report", "--study", "gru", "--out", str(out)])
+    text = (out / "gru" / "summary.md").read_text()
+    # adafisher: 88.00 ± 4.24 over 2 seeds; vs adam: -0.05, -0.01 -> -3.00 ± 2.83, 0 of 2 higher
+    assert "| `adafisher` | " in text and "88.00 ± 4.24 (2) | -3.00 ± 2.83 (0/2) |" in text
+    assert "87.00 ± 4.24 (2) | -3.00 ± 2.83 (0/2) | 3 |" in text  # equal time: shifted, 3 epochs
+    assert "94.00 ± 1.41 (2) | +3.00 ± 0.00 (2/2) |" in text  # fallback_sq
+    assert (out / "gru" / "steps" / "test_accuracy_vs_step.png").stat().st_size > 0

@@ -1,0 +1,339 @@
+r"""Solving with the damped Kronecker curvature of banded and full layers.
+
+A layer with banded/full factors is preconditioned jointly (weight and bias as one
+``(groups, out, in)`` matrix ``V``) by ``F^{-p} vec(V)`` with ``F`` the damped Kronecker product
+of its normalised factors ``S'`` (output side) and ``H'`` (input side). How that is computed is
+a :class:`KroneckerSolver`, chosen once from the estimator and the damping mode
+(:meth:`curvlab.interfaces.FactorEstimator.kronecker_solver`):
+
+* ``eigen`` (:mod:`curvlab.kronecker_eigen`): eigendecompositions of the factors; exact for
+  every damping mode, including ``S' ⊗ H' + λI`` (AdaFisher's λ after the product), which has
+  no Kronecker-factored inverse. Four products per layer and step.
+* ``inverse`` (:mod:`curvlab.kronecker_inverse`): factored damping (Martens & Grosse 2015)
+  *is* a Kronecker product, ``(S' + √λ/π)⊗(H' + π√λ)``, so its inverse is the Kronecker
+  product of two matrix inverses: two products per layer and step, and a Cholesky
+  factorisation instead of an eigendecomposition at a refresh.
+* ``block`` (:mod:`curvlab.kronecker_block`): the eigenbasis solve on the diagonal blocks of
+  banded factors (approximate: the band's entries that couple two blocks are dropped).
+
+A solver's *refresh* (every ``inverse_interval`` steps, and for a layer whose factors arrived
+since) turns the EMA factors into what the steps apply, stored in the layer's curvature state
+(saved with the optimizer: a resumed run continues bitwise). Layers whose factors have equal
+shapes are refreshed, and their products applied, as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvlab.interfaces.normalizer import Normalizer
+from curvlab.structures import dense_factor
+
+#: solver names (``estimators.full.solver`` / ``estimators.banded.solver``)
+SOLVERS = ("auto", "eigen", "inverse", "block")
+
+
+def split_pi(H: Tensor, S: Tensor) -> Tensor:
+    """π = sqrt((tr H / dim H) / (tr S / dim S)) of the factored damping (Martens & Grosse),
+    from the entries or eigenvalues ``H``, ``S`` (all groups)."""
+    tiny = torch.finfo(H.dtype).tiny
+    return torch.sqrt(H.mean().clamp_min(tiny) / S.mean().clamp_min(tiny))
+
+
+def eigen_denominator(
+    LS: Tensor, LH: Tensor, damping: float, mode: str, power: float
+) -> Tensor:
+    """``D`` of the eigenbasis solve for spectra ``LS`` (groups, out) and ``LH`` (groups, in):
+    ``F^{-p}`` divides the rotated matrix by ``D`` (docs/math.md, damping table)."""
+    LS, LH = LS.unsqueeze(-1), LH.unsqueeze(-2)
+    if mode == "factored":
+        pi = split_pi(LH, LS)
+        root = math.sqrt(damping)
+        denom = (LS + root / pi) * (LH + pi * root)
+        return denom if power == 1.0 else denom.pow(power)
+    if mode == "after_root":
+        denom = LS * LH
+        return (denom if power == 1.0 else denom.clamp_min(0).pow(power)) + damping
+    denom = LS * LH + damping
+    return denom if power == 1.0 else denom.pow(power)
+
+
+def damped_diagonal(S_diag: Tensor, H_diag: Tensor, damping: float, mode: str) -> Tensor:
+    """diag(F) (groups, out, in) from the normalised factors' diagonals (factored damping: π
+    from their means, which are the spectra's)."""
+    if mode == "factored":
+        pi = split_pi(H_diag, S_diag)
+        root = math.sqrt(damping)
+        return (S_diag + root / pi).unsqueeze(-1) * (H_diag + pi * root).unsqueeze(-2)
+    return S_diag.unsqueeze(-1) * H_diag.unsqueeze(-2) + damping
+
+
+def normalized_matrix(normalizer: Normalizer, dense: Tensor) -> Tensor:
+    """The normalised factor as a matrix: the normaliser's matrix form when it has one (no
+    eigenvalues needed), else ``Q diag(normalizer(Λ)) Qᵀ`` (exact for an affine map)."""
+    matrix = normalizer.normalize_matrix(dense)
+    if matrix is not None:
+        return matrix
+    values, vectors = torch.linalg.eigh(dense)
+    values = normalizer(values, "spectrum")
+    return (vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+
+
+@dataclass
+class RefreshItem:
+    """One layer to refresh: its name, factor structure and curvature state (written to)."""
+
+    name: str
+    structure: str
+    state: dict[str, Tensor]
+
+    def dense(self, key: str) -> Tensor:
+        return dense_factor(self.structure, self.state[key])
+
+
+def batches(items: Sequence[RefreshItem]) -> list[list[RefreshItem]]:
+    """Items grouped by the dtype, device and shapes of their factors (one batch each)."""
+    out: dict[tuple, list[RefreshItem]] = {}
+    for item in items:
+        H, S = item.state["H"], item.state["S"]
+        key = (H.dtype, H.device, item.structure, tuple(H.shape), tuple(S.shape))
+        out.setdefault(key, []).append(item)
+    return list(out.values())
+
+
+class KroneckerOperator(ABC):
+    """``F^{-p}`` of one layer at one step (damping bound in)."""
+
+    #: dtype the solve computes in (the factors')
+    dtype: torch.dtype
+
+    @abstractmethod
+    def solve(self, matrix: Tensor, power: float) -> Tensor:
+        """``F^{-p} vec(V)`` for the (groups, out, in) matrix view ``V`` (a new tensor)."""
+
+    @abstractmethod
+    def factor_diagonals(self) -> tuple[Tensor, Tensor]:
+        """diag(H'), diag(S') of the normalised, undamped factors, as (groups, d)."""
+
+    @abstractmethod
+    def damped_diagonal(self) -> Tensor:
+        """diag(F), damping included, as (groups, out, in) (docs/math.md)."""
+
+    def batch_key(self) -> Hashable | None:
+        """Operators with the same key are solved as one batch by :func:`solve_all` (through
+        :meth:`solve_batch` of the first); None: alone."""
+        return None
+
+    @classmethod
+    def solve_batch(
+        cls, operators: list[KroneckerOperator], matrices: list[Tensor], power: float
+    ) -> list[Tensor]:
+        return [op.solve(m, power) for op, m in zip(operators, matrices)]
+
+
+def solve_all(
+    operators: list[KroneckerOperator], matrices: list[Tensor], power: float
+) -> list[Tensor]:
+    """``F^{-p}`` of every layer: operators with a common batch key in one batched solve."""
+    out: list[Tensor | None] = [None] * len(operators)
+    groups: dict[Hashable, list[int]] = {}
+    for i, op in enumerate(operators):
+        key = op.batch_key()
+        if key is None:
+            out[i] = op.solve(matrices[i], power)
+        else:
+            groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        if len(indices) == 1:
+            i = indices[0]
+            out[i] = operators[i].solve(matrices[i], power)
+            continue
+        ops = [operators[i] for i in indices]
+        solved = type(ops[0]).solve_batch(ops, [matrices[i] for i in indices], power)
+        for i, s in zip(indices, solved):
+            out[i] = s
+    return out  # type: ignore[return-value]
+
+
+class KroneckerSolver(ABC):
+    """What a refresh computes from banded/full EMA factors, and the operator of a step.
+
+    Implementations keep what they compute in each layer's curvature state under
+    :attr:`state_keys` (the first marks a refreshed layer), so that ``state_dict()`` carries
+    it and a resumed run continues bitwise.
+    """
+
+    #: the name estimators select it by
+    name: str = ""
+    #: curvature-state entries a refresh writes
+    state_keys: tuple[str, ...] = ()
+    #: whether a refresh bakes λ in (then a refresh with a new λ is never skipped)
+    uses_damping: bool = False
+
+    def is_stale(self, state: dict[str, Tensor]) -> bool:
+        """Whether the layer must be refreshed now, whatever the schedule (default: it never
+        was)."""
+        return self.state_keys[0] not in state
+
+    @abstractmethod
+    def refresh(
+        self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str
+    ) -> None:
+        """Recompute the state entries of every item from its EMA factors ``H``, ``S``
+        (never-updated factors, ``updated`` False, precondition as identity factors)."""
+
+    @abstractmethod
+    def operators(
+        self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str
+    ) -> list[KroneckerOperator]:
+        """Each refreshed layer's operator for this step, from its state."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def default_solver(damping_mode: str) -> KroneckerSolver:
+    """Inverses of the damped factors for factored damping (two products per layer and step),
+    the exact eigenbasis solve otherwise."""
+    from curvlab.kronecker_eigen import EigenSolver
+    from curvlab.kronecker_inverse import InverseSolver
+
+    return InverseSolver() if damping_mode == "factored" else EigenSolver()
+
+
+def make_solver(name: str, damping_mode: str, **options: object) -> KroneckerSolver:
+    """The solver called ``name`` (one of :data:`SOLVERS`; ``auto``: :func:`default_solver`)."""
+    from curvlab.kronecker_block import BlockEigenSolver
+    from curvlab.kronecker_eigen import EigenSolver
+    from curvlab.kronecker_inverse import InverseSolver
+
+    if name == "auto":
+        return default_solver(damping_mode)
+    if name == "eigen":
+        return EigenSolver()
+    if name == "inverse":
+        if damping_mode != "factored":
+            raise ValueError(
+                f"solver='inverse' needs factored damping (its inverse is a Kronecker product); "
+                f"the damping mode is {damping_mode!r}: use solver='eigen' or 'auto'"
+            )
+        return InverseSolver()
+    if name == "block":
+        return BlockEigenSolver(**options)  # type: ignore[arg-type]
+    raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {name!r}")
+
+
+#: square matrices in packs get dimensions rounded up to this (zeros beyond): BLAS products
+#: of an odd size are slow (V(1024×3073)·A(3073×3073): 500 ms, ×3072 330 ms, ×3088 300 ms on
+#: the benchmark CPU; a Linear layer's bias column makes the odd size)
+PAD_TO = 16
+
+
+def padded_size(d: int) -> int:
+    return -(-d // PAD_TO) * PAD_TO
+
+
+def pad_matrices(matrices: list[Tensor], rows: int, cols: int, value: float = 0.0) -> Tensor:
+    """The (…, m, n) matrices stacked into a (k, …, rows, cols) tensor filled with ``value``
+    beyond them (one copy)."""
+    first = matrices[0]
+    m, n = first.shape[-2:]
+    if (m, n) == (rows, cols):
+        return torch.stack(matrices)
+    out = first.new_empty((len(matrices), *first.shape[:-2], rows, cols))
+    for i, matrix in enumerate(matrices):
+        out[i, ..., :m, :n] = matrix
+    out[..., :m, n:] = value  # only the margins are filled (a pass less over the matrix)
+    out[..., m:, :] = value
+    return out
+
+
+class Packs:
+    """Refreshed tensors of layers with equal shapes, stacked into one tensor per (batch, key);
+    the layers' state entries are views of it, so that a step solves them as one batch.
+    Square matrices (the last two dimensions equal) are stored zero-padded to a multiple of
+    :data:`PAD_TO` (their state entries view the top-left block), for the products' speed.
+
+    State entries replaced from outside (``load_state_dict``) no longer view their pack; such
+    layers are re-stacked (copied once) by :meth:`ensure`. Values never change by stacking.
+    """
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self._where: dict[str, tuple[int, int]] = {}  # layer → (pack id, position)
+        self._packs: dict[int, tuple[dict[str, Tensor], int]] = {}  # id → (stacked, size)
+        self._next_id = 0
+
+    @staticmethod
+    def _view(stacked: Tensor, pos: int, shape: torch.Size) -> Tensor:
+        return stacked[pos][..., : shape[-2], : shape[-1]] if len(shape) >= 2 else stacked[pos]
+
+    def adopt(self, items: list[RefreshItem], stacked: dict[str, Tensor]) -> None:
+        """``stacked[key][i]`` becomes item i's ``state[key]`` (a view of the pack)."""
+        packed = {}
+        for key, value in stacked.items():
+            shape = value.shape[1:]
+            if len(shape) >= 2 and shape[-1] == shape[-2]:
+                # a fresh zero-padded tensor, row-major (LAPACK's results are column-major), as
+                # re-stacking after a load makes it: MKL's rounding depends on the operands'
+                # layout and alignment, and a resumed run must continue bitwise
+                d = padded_size(shape[-1])
+                packed[key] = pad_matrices(list(value.unbind()), d, d)
+            else:
+                packed[key] = value.contiguous()
+        pack_id, self._next_id = self._next_id, self._next_id + 1
+        for pos, item in enumerate(items):
+            for key in self.keys:
+                item.state[key] = self._view(packed[key], pos, stacked[key].shape[1:])
+            self._where[item.name] = (pack_id, pos)
+        self._packs[pack_id] = (packed, len(items))
+        live = {p for p, _ in self._where.values()}
+        for old in [p for p in self._packs if p not in live]:
+            del self._packs[old]
+
+    def find(self, item: RefreshItem) -> tuple[int, int] | None:
+        """(pack id, position) while the item's entries still view its pack."""
+        where = self._where.get(item.name)
+        if where is None or where[0] not in self._packs:
+            return None
+        packed, _ = self._packs[where[0]]
+        for key in self.keys:
+            entry = item.state.get(key)
+            if entry is None:
+                return None
+            view = self._view(packed[key], where[1], entry.shape)
+            if (
+                entry.data_ptr() != view.data_ptr()
+                or entry.shape != view.shape
+                or entry.stride() != view.stride()
+            ):
+                return None
+        return where
+
+    def ensure(self, items: list[RefreshItem]) -> None:
+        """Make every batch of equal-shape items (:func:`batches`, in order) exactly one pack,
+        re-stacking (copying once) a batch that is not: after ``load_state_dict`` (entries no
+        longer view a pack), or after a refresh of some of its layers (a layer whose factors
+        arrived late). So the packs, and the rounding of the batched products, depend only on
+        the layers, not on the history (a resumed run continues bitwise)."""
+        for batch in batches(items):
+            where = [self.find(item) for item in batch]
+            first = where[0]
+            if (
+                first is not None
+                and self._packs[first[0]][1] == len(batch)
+                and where == [(first[0], pos) for pos in range(len(batch))]
+            ):
+                continue
+            stacked = {k: torch.stack([it.state[k] for it in batch]) for k in self.keys}
+            self.adopt(batch, stacked)
+
+    def stacked(self, pack_id: int) -> tuple[dict[str, Tensor], int]:
+        """The pack's (padded) tensors and its number of layers."""
+        return self._packs[pack_id]
