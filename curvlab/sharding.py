@@ -67,6 +67,10 @@ class RowShard:
 
     #: ranks over which the parameter is spread (the mesh size)
     ranks: int = 1
+    #: the DTensor parameter (its mesh and placements; None for a plain tensor's rows in tests)
+    param: Tensor | None = None
+    #: the process group over which the rows are split (None: not split)
+    group: Any = None
 
     @property
     def rows(self) -> int:
@@ -94,7 +98,31 @@ def row_shard(param: Tensor) -> RowShard:
     )
     start = offset[0] if param.dim() else 0
     rows = shape[0] if param.dim() else 1
-    return RowShard(param.to_local(), start, start + rows, param.shape, param.device_mesh.size())
+    split = [k for k, placement in enumerate(param.placements) if isinstance(placement, Shard)]
+    if len(split) > 1:
+        raise NotImplementedError(
+            f"curvlab optimizers support dim 0 sharded over one mesh dimension; got placements "
+            f"{tuple(param.placements)}"
+        )
+    group = param.device_mesh.get_group(split[0]) if split else None
+    return RowShard(
+        param.to_local(), start, start + rows, param.shape, param.device_mesh.size(), param, group
+    )
+
+
+def gather_rows(local_rows: Tensor, shard: RowShard) -> Tensor:
+    """The whole tensor of which every rank holds the rows ``shard`` describes (``local_rows``
+    of the shard's shape, e.g. a gradient or momentum): an all-gather, ``P·(W−1)/W`` entries
+    received per rank."""
+    param = shard.param
+    laid_out = DTensor.from_local(
+        local_rows.contiguous(),
+        param.device_mesh,
+        param.placements,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+    return laid_out.full_tensor()
 
 
 def as_global(value: Tensor, like: Tensor) -> Tensor:

@@ -58,6 +58,10 @@ def make_model(name: str) -> nn.Module:
             nn.Flatten(),
             nn.Linear(6 * 4 * 4, 3),
         )
+    elif name == "narrow_mlp":  # Linear(7, 1): rank 1 holds no row of its weight and bias
+        model = nn.Sequential(
+            nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 1), nn.Tanh(), nn.Linear(1, 3)
+        )
     elif name == "scaled_mlp":  # a parameter without an adapter (fallback), 7 rows
         model = nn.Sequential(nn.Linear(6, 7), Scale(7), nn.Tanh(), nn.Linear(7, 3))
     else:
@@ -77,7 +81,13 @@ class Scale(nn.Module):
 
 
 #: submodules passed to fully_shard before the root (the others stay in the root's group)
-SHARDED = {"mlp": (0, 3), "linear_mlp": (0, 2), "cnn": (0, 2), "scaled_mlp": (1,)}
+SHARDED = {
+    "mlp": (0, 3),
+    "linear_mlp": (0, 2),
+    "cnn": (0, 2),
+    "scaled_mlp": (1,),
+    "narrow_mlp": (2,),
+}
 
 
 def shard(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
@@ -120,6 +130,25 @@ CASES = {
             "update_rule": "adam_update",
         },
     ),
+    # K-FAC as configs/kfac.gin (per-sample G, factored damping: inverses, KL clip)
+    "kfac": (
+        "CurvatureOptimizer",
+        "mlp",
+        {
+            "estimator": ("full", {"per_sample": True}),
+            "normalizer": "identity",
+            "gamma": 0.95,
+            "damping": ("factored", {"value": 1e-3}),
+            "update_rule": ("kfac", {"kl_clip": 1e-3}),
+            "inverse_interval": 2,
+            "loss_convention": "global",  # per_sample=True rescales g by the local batch
+        },
+    ),
+    # shards without rows (a 1-row weight on 2 ranks), diagonal and Kronecker-solved
+    "empty_shard_paper": ("AdaFisher", "narrow_mlp", {}),
+    "empty_shard_kfac": ("AdaFisher", "narrow_mlp", {"estimator": ("full", {"per_sample": False})}),
+    # banded AdaFisher, eigenbasis solve on a grouped conv and on Linear layers
+    "banded": ("AdaFisher", "cnn", {"estimator": ("banded", {"bandwidth": 3})}),
     # the squared-gradient fallback normalises over the whole (gathered) parameter
     "fallback": (
         "AdaFisher",
@@ -132,6 +161,15 @@ CASES = {
 def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.CurvatureOptimizer:
     cls, _, kwargs = CASES[case]
     kwargs = dict(kwargs)
+    convention = kwargs.pop("loss_convention", "local_mean")
+    for kind, key in (
+        ("estimators", "estimator"),
+        ("damping", "damping"),
+        ("updates", "update_rule"),
+    ):
+        if isinstance(kwargs.get(key), tuple):
+            name, arguments = kwargs[key]
+            kwargs[key] = curvlab.registry.create(kind, name, **arguments)
     if kwargs.get("damping") == "adam_epsilon":
         kwargs["damping"] = curvlab.registry.create(
             "damping", "constant", value=1e-8, mode="after_root"
@@ -141,7 +179,7 @@ def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.Curvature
     reducer: object = "none"
     if world > 1:
         reducer = curvlab.registry.create(
-            "reducers", "torch_distributed", loss_convention="local_mean"
+            "reducers", "torch_distributed", loss_convention=convention
         )
     return getattr(curvlab, cls)(model, lr=LR, reducer=reducer, **kwargs)
 
