@@ -285,7 +285,9 @@ def scenario_no_reducer(world: int, rank: int) -> dict:
     return {"message": None}
 
 
-#: a checkpoint written by the test process (one process) for the 1 → 2 case
+#: cases saved and resumed: the paper's diagonal factors; K-FAC's factors and inverses
+CHECKPOINT_CASES = ("paper_mlp", "kfac")
+#: where the test process (one process) wrote its checkpoints, one folder per case (1 → 2)
 CHECKPOINT_IN = ""
 #: where the ranks write theirs (2 → 1)
 CHECKPOINT_OUT = ""
@@ -293,20 +295,26 @@ CHECKPOINT_STEP, CHECKPOINT_STEPS = 3, 6
 
 
 def scenario_checkpoint(world: int, rank: int) -> dict:
-    """Save after 3 of 6 steps and go on (the uninterrupted run); resume the test process's
-    one-process checkpoint on these ranks."""
-    return {
-        "saved": train(
-            "paper_mlp",
+    """Per case: save after 3 of 6 steps and go on (the uninterrupted run); resume the test
+    process's one-process checkpoint on these ranks."""
+    out = {}
+    for case in CHECKPOINT_CASES:
+        saved = train(
+            case,
             world=world,
             rank=rank,
             steps=CHECKPOINT_STEPS,
-            save=(CHECKPOINT_STEP, CHECKPOINT_OUT),
-        ),
-        "resumed": train(
-            "paper_mlp", world=world, rank=rank, steps=CHECKPOINT_STEPS, resume=CHECKPOINT_IN
-        ),
-    }
+            save=(CHECKPOINT_STEP, os.path.join(CHECKPOINT_OUT, case)),
+        )
+        resumed = train(
+            case,
+            world=world,
+            rank=rank,
+            steps=CHECKPOINT_STEPS,
+            resume=os.path.join(CHECKPOINT_IN, case),
+        )
+        out[case] = {"saved": saved, "resumed": resumed}
+    return out
 
 
 SCENARIOS = {

@@ -88,12 +88,15 @@ def run_workers(
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    # the one-process checkpoint that the ranks resume (1 → 2)
-    one = worker.train(
-        "paper_mlp",
-        steps=worker.CHECKPOINT_STEPS,
-        save=(worker.CHECKPOINT_STEP, str(out / "one_process")),
-    )
+    # the one-process checkpoints that the ranks resume (1 → 2)
+    one = {
+        case: worker.train(
+            case,
+            steps=worker.CHECKPOINT_STEPS,
+            save=(worker.CHECKPOINT_STEP, str(out / "one_process" / case)),
+        )
+        for case in worker.CHECKPOINT_CASES
+    }
     results = run_workers(out, "tests._fsdp_worker", args=(str(out / "one_process"),))
     results[0]["one_process_checkpoint"] = one
     results[0]["checkpoint_dir"] = out / "checkpoint"
@@ -191,30 +194,35 @@ def _same_factors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_on_two_ranks_resumes_on_one(ranks: list[dict]) -> None:
-    """2 → 1: the factors come back exactly, and 3 more steps in one process end within 1e-12
-    of the uninterrupted 2-rank run (and of one process trained throughout)."""
-    saved = [r["saved"] for r in scenario(ranks, "checkpoint")]
+@pytest.mark.parametrize("case", worker.CHECKPOINT_CASES)
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(ranks: list[dict], case: str) -> None:
+    """2 → 1: the factors (and K-FAC's inverses) come back exactly, and 3 more steps in one
+    process end within 1e-12 of the uninterrupted 2-rank run (and of one process throughout)."""
+    saved = [r[case]["saved"] for r in scenario(ranks, "checkpoint")]
     resumed = worker.train(
-        "paper_mlp", steps=worker.CHECKPOINT_STEPS, resume=str(ranks[0]["checkpoint_dir"])
+        case, steps=worker.CHECKPOINT_STEPS, resume=str(ranks[0]["checkpoint_dir"] / case)
     )
     _same_factors(resumed["factors"], saved[0]["factors"])
     _same_factors(saved[0]["factors"], saved[1]["factors"])
+    if case == "kfac":  # the solver's state travels with the factors
+        assert any(key.endswith(("H_inv", "S_inv")) for key in resumed["factors"]), sorted(
+            resumed["factors"]
+        )
     assert resumed["metrics"] == {"steps": worker.CHECKPOINT_STEPS, "skipped_steps": 0}
     assert max_diff(resumed["params"], saved[0]["params"]) < 1e-12
-    uninterrupted = worker.train("paper_mlp", steps=worker.CHECKPOINT_STEPS)
+    uninterrupted = worker.train(case, steps=worker.CHECKPOINT_STEPS)
     assert max_diff(resumed["params"], uninterrupted["params"]) < 1e-12
-    # the last 3 steps moved the parameters: resuming from the checkpoint's parameters with a
-    # fresh optimizer state would not be within the tolerance
-    at_checkpoint = worker.train("paper_mlp", steps=worker.CHECKPOINT_STEP)
+    # the last 3 steps moved the parameters: the comparison is not trivially true
+    at_checkpoint = worker.train(case, steps=worker.CHECKPOINT_STEP)
     assert max_diff(at_checkpoint["params"], uninterrupted["params"]) > 1e-3
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_in_one_process_resumes_on_two_ranks(ranks: list[dict]) -> None:
+@pytest.mark.parametrize("case", worker.CHECKPOINT_CASES)
+def test_checkpoint_saved_in_one_process_resumes_on_two_ranks(ranks: list[dict], case: str):
     """1 → 2: each rank loads its rows of the state; the run ends within 1e-12 of one process."""
-    one = ranks[0]["one_process_checkpoint"]
-    resumed = [r["resumed"] for r in scenario(ranks, "checkpoint")]
+    one = ranks[0]["one_process_checkpoint"][case]
+    resumed = [r[case]["resumed"] for r in scenario(ranks, "checkpoint")]
     for result in resumed:
         _same_factors(result["factors"], one["factors"])
         assert result["metrics"] == {"steps": worker.CHECKPOINT_STEPS, "skipped_steps": 0}
