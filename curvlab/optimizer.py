@@ -34,7 +34,7 @@ from curvlab.interfaces import (
 )
 from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.interfaces.update import known_flag
-from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
+from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem, refresh_cost
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.regions import shared_parameters
@@ -510,8 +510,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ):
                 stale.append(item)
                 self._refreshed_versions[item.name] = version
-        if stale:
+        if not stale:
+            return
+        owners = self.reducer.split_refresh([refresh_cost(item) for item in stale])
+        if owners is None:
             solver.refresh(stale, self.normalizer, damping, self.damping.mode)
+            return
+        # KAISA: each layer refreshed on its owner rank, the results shared with the others
+        rank = self.reducer.rank
+        mine = [item for item, owner in zip(stale, owners) if owner == rank]
+        if mine:
+            solver.refresh(mine, self.normalizer, damping, self.damping.mode)
+        keys = solver.state_keys
+        shared = self.reducer.share(
+            [
+                item.state[k] if owner == rank else None
+                for item, owner in zip(stale, owners)
+                for k in keys
+            ],
+            [owner for owner in owners for _ in keys],
+            self._device(),
+        )
+        for n, item in enumerate(stale):
+            for j, key in enumerate(keys):
+                item.state[key] = shared[n * len(keys) + j]
 
     def _elementwise_curvature(self) -> dict[int, Tensor]:
         out = {}

@@ -158,7 +158,9 @@ CASES = {
 }
 
 
-def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.CurvatureOptimizer:
+def make_optimizer(
+    case: str, model: nn.Module, world: int, split: bool = False
+) -> curvlab.CurvatureOptimizer:
     cls, _, kwargs = CASES[case]
     kwargs = dict(kwargs)
     convention = kwargs.pop("loss_convention", "local_mean")
@@ -179,7 +181,7 @@ def make_optimizer(case: str, model: nn.Module, world: int) -> curvlab.Curvature
     reducer: object = "none"
     if world > 1:
         reducer = curvlab.registry.create(
-            "reducers", "torch_distributed", loss_convention=convention
+            "reducers", "torch_distributed", loss_convention=convention, split_inverses=split
         )
     return getattr(curvlab, cls)(model, lr=LR, reducer=reducer, **kwargs)
 
@@ -205,13 +207,16 @@ def train(
     poison: tuple[int, int] | None = None,
     save: tuple[int, str] | None = None,
     resume: str | None = None,
+    split: bool = False,
 ) -> dict:
     """``steps`` optimizer steps; the final parameters (whole), metrics and local shapes.
 
     ``world == 1``: the plain model on the whole batch. ``mp_dtype``: FSDP2's
     ``MixedPrecisionPolicy(param_dtype=mp_dtype)``. ``poison = (step, rank)``: a NaN in that
     rank's input at that step. ``save = (k, path)``: a DCP checkpoint after ``k`` steps (the run
-    goes on); ``resume``: start from a checkpoint (at the step it was saved).
+    goes on); ``resume``: start from a checkpoint (at the step it was saved). ``split``: the
+    reducer's KAISA split of the banded/full refresh; the layers this rank refreshed are
+    returned as ``refreshed``.
     """
     _, model_name, _ = CASES[case]
     model = make_model(model_name)
@@ -222,7 +227,15 @@ def train(
 
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype)
         shard(model, model_name, **kwargs)
-    opt = make_optimizer(case, model, world)
+    opt = make_optimizer(case, model, world, split)
+    refreshed: list[list[str]] = []
+    solver_refresh = opt.kronecker_solver.refresh
+
+    def recording_refresh(items, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        refreshed.append([item.name for item in items])
+        return solver_refresh(items, *args, **kwargs)
+
+    opt.kronecker_solver.refresh = recording_refresh
     if resume is not None:
         distributed_checkpoint.load(resume, model, opt)
     start = opt.metrics()["steps"]
@@ -248,6 +261,7 @@ def train(
         ],
         "metrics": opt.metrics(),
         "factors": factors,  # at the checkpoint (saved or loaded)
+        "refreshed": refreshed,
         "factor_dtypes": sorted(
             {
                 str(v.dtype)
@@ -317,12 +331,22 @@ def scenario_checkpoint(world: int, rank: int) -> dict:
     return out
 
 
+#: KAISA split of the refresh: K-FAC (inverses), banded (eigenbasis), full with λ after the
+#: product (eigenbasis); models with layers of several sizes
+SPLIT_CASES = ("kfac", "banded", "empty_shard_kfac")
+
+
+def scenario_split(world: int, rank: int) -> dict:
+    return {case: train(case, world=world, rank=rank, split=True) for case in SPLIT_CASES}
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
     "mixed_precision": scenario_mixed_precision,
     "nan": scenario_nan,
     "no_reducer": scenario_no_reducer,
     "checkpoint": scenario_checkpoint,
+    "split": scenario_split,
 }
 
 

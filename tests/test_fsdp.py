@@ -186,6 +186,23 @@ def test_sharded_parameters_require_the_distributed_reducer(ranks: list[dict]) -
         assert "reducer='torch_distributed'" in result["message"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", worker.SPLIT_CASES)
+def test_split_refresh_equals_every_rank_refreshing(ranks: list[dict], case: str) -> None:
+    """KAISA: every refresh of a layer runs on one rank only (the ranks' layer sets are disjoint
+    and cover every layer), and the parameters are bitwise those of the unsplit 2-rank run."""
+    split = [r[case] for r in scenario(ranks, "split")]
+    unsplit = [r[case] for r in scenario(ranks, "equivalence")]
+    assert max_diff(split[0]["params"], unsplit[0]["params"]) == 0
+    assert max_diff(split[1]["params"], unsplit[1]["params"]) == 0
+    everything = unsplit[0]["refreshed"]  # every rank refreshes every layer without the split
+    assert everything and unsplit[1]["refreshed"] == everything
+    assert len(split[0]["refreshed"]) + len(split[1]["refreshed"]) >= len(everything)
+    mine = [set(sum(r["refreshed"], [])) for r in split]
+    assert mine[0] and mine[1] and not mine[0] & mine[1]
+    assert mine[0] | mine[1] == set(sum(everything, []))
+
+
 # -- sharded checkpoints (torch.distributed.checkpoint) ------------------------------------------
 def _same_factors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and a
