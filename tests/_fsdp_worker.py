@@ -204,6 +204,7 @@ def train(
     rank: int = 0,
     steps: int = STEPS,
     mp_dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float64,
     poison: tuple[int, int] | None = None,
     save: tuple[int, str] | None = None,
     resume: str | None = None,
@@ -212,14 +213,14 @@ def train(
     """``steps`` optimizer steps; the final parameters (whole), metrics and local shapes.
 
     ``world == 1``: the plain model on the whole batch. ``mp_dtype``: FSDP2's
-    ``MixedPrecisionPolicy(param_dtype=mp_dtype)``. ``poison = (step, rank)``: a NaN in that
-    rank's input at that step. ``save = (k, path)``: a DCP checkpoint after ``k`` steps (the run
-    goes on); ``resume``: start from a checkpoint (at the step it was saved). ``split``: the
-    reducer's KAISA split of the banded/full refresh; the layers this rank refreshed are
-    returned as ``refreshed``.
+    ``MixedPrecisionPolicy(param_dtype=mp_dtype)`` over master weights of ``dtype``.
+    ``poison = (step, rank)``: a NaN in that rank's input at that step. ``save = (k, path)``:
+    a DCP checkpoint after ``k`` steps (the run goes on); ``resume``: start from a checkpoint
+    (at the step it was saved). ``split``: the reducer's KAISA split of the banded/full
+    refresh; the layers this rank refreshed are returned as ``refreshed``.
     """
     _, model_name, _ = CASES[case]
-    model = make_model(model_name)
+    model = make_model(model_name).to(dtype)
     if world > 1:
         kwargs = {}
         if mp_dtype is not None:
@@ -252,7 +253,7 @@ def train(
             x = x.clone()
             x[0, 0] = float("nan")
         opt.zero_grad()
-        F.cross_entropy(model(x).to(torch.float64), y).backward()
+        F.cross_entropy(model(x.to(dtype)).to(torch.float64), y).backward()
         opt.step()
     return {
         "params": [full(p) for p in model.parameters()],
@@ -280,7 +281,12 @@ def scenario_equivalence(world: int, rank: int) -> dict:
 
 
 def scenario_mixed_precision(world: int, rank: int) -> dict:
-    return train("paper_mlp", world=world, rank=rank, mp_dtype=torch.float32)
+    return {
+        "fp32_over_fp64": train("paper_mlp", world=world, rank=rank, mp_dtype=torch.float32),
+        "bf16_over_fp32": train(
+            "paper_mlp", world=world, rank=rank, mp_dtype=torch.bfloat16, dtype=torch.float32
+        ),
+    }
 
 
 def scenario_nan(world: int, rank: int) -> dict:

@@ -159,14 +159,22 @@ def test_two_ranks_match_one_process(ranks: list[dict], case: str) -> None:
 @pytest.mark.slow
 def test_mixed_precision_keeps_factors_in_the_master_dtype(ranks: list[dict]) -> None:
     """param_dtype=float32 over float64 master weights: the forward/backward run in fp32, the
-    factors and the update in float64; the result stays within fp32 rounding of the fp64 run."""
-    r0, r1 = scenario(ranks, "mixed_precision")
+    factors and the update in float64; the result stays within fp32 rounding of the fp64 run.
+    bf16 over fp32: factors in fp32."""
+    r0, r1 = (r["fp32_over_fp64"] for r in scenario(ranks, "mixed_precision"))
     reference = worker.train("paper_mlp")
     assert r0["factor_dtypes"] == ["torch.float64"]
     assert all(p.dtype == torch.float64 for p in r0["params"])
     assert max_diff(r0["params"], r1["params"]) == 0
     diff = max_diff(r0["params"], reference["params"])
     assert 0 < diff < 1e-4  # fp32 compute: not bitwise the fp64 run, but close
+    b0, b1 = (r["bf16_over_fp32"] for r in scenario(ranks, "mixed_precision"))
+    assert b0["factor_dtypes"] == ["torch.float32"]
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in b0["params"])
+    assert max_diff(b0["params"], b1["params"]) == 0
+    # bf16 compute tracks the fp64 trajectory: far closer to it than to where it started
+    moved = max_diff(list(worker.make_model("mlp").parameters()), reference["params"])
+    assert max_diff([p.double() for p in b0["params"]], reference["params"]) < 0.25 * moved
 
 
 @pytest.mark.slow
