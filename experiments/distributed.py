@@ -174,3 +174,13 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
             fully_shard(child)
     fully_shard(model)
     return model
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. FSDP2 leaves buffers
+    per rank (DDP broadcasts rank 0's at every forward); a sharded checkpoint stores one copy
+    of each, so the ranks agree on rank 0's before saving, and a resumed run evaluates with the
+    statistics the uninterrupted one has on rank 0."""
+    for buffer in model.buffers():
+        if not hasattr(buffer, "device_mesh"):  # a DTensor buffer is laid out already
+            dist.broadcast(buffer, src=0)

@@ -50,6 +50,7 @@ from curvlab.experiments.data import CifarAugment, Split
 from curvlab.experiments.distributed import (
     DEFAULT_TIMEOUT_S,
     DistributedContext,
+    broadcast_buffers,
     is_timeout,
     shard_model,
 )
@@ -430,6 +431,7 @@ def _train_in_context(
             if hasattr(augment, "generator"):
                 state["augment_rng"] = augment.generator.get_state()
             if fsdp:  # every rank writes its shards; the file then points at them
+                broadcast_buffers(net)
                 state["sharded"] = save_sharded(checkpoint, epoch + 1, net, opt, ctx)
             else:
                 state.update(model=net.state_dict(), optimizer=opt.state_dict())
