@@ -865,6 +865,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         }
         return sd
 
+    def _shard_loaded_state(self) -> None:
+        """Whole per-parameter state (a state saved by one process, loaded on every rank)
+        of a sharded parameter becomes its rows, as a DTensor laid out like the parameter."""
+        for p, state in self.state.items():
+            if not is_sharded(p):
+                continue
+            shard = row_shard(p)
+            for key, value in state.items():
+                if isinstance(value, Tensor) and not is_sharded(value) and value.dim():
+                    if value.shape == p.shape:
+                        rows = value[shard.start : shard.stop].clone()
+                        state[key] = as_global(rows, p)
+
     def _describe_layers(self) -> list[tuple]:
         """What a layer's factors depend on: name, adapter, structure, parameter shapes."""
         return [
@@ -911,6 +924,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}"
                     )
         super().load_state_dict(state_dict)
+        self._shard_loaded_state()
         device = self._device()
         self.curvature_state.clear()  # the same dict: the diagonal store holds it
         for name, state in curvature["layers"].items():

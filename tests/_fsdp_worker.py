@@ -346,6 +346,31 @@ def scenario_split(world: int, rank: int) -> dict:
     return {case: train(case, world=world, rank=rank, split=True) for case in SPLIT_CASES}
 
 
+def scenario_plain_state(world: int, rank: int) -> dict:
+    """``opt.state_dict()`` of one process (3 steps on the whole batch, computed on every rank)
+    loaded into the sharded model's optimizer with ``load_state_dict``; 3 more steps."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    plain = make_model("mlp")
+    plain_opt = make_optimizer("paper_mlp", plain, 1)
+    batches = make_batches("mlp", 6)
+    for x, y in batches[:3]:
+        plain_opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+    model = shard(make_model("mlp"), "mlp")
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    opt = make_optimizer("paper_mlp", model, world)
+    opt.load_state_dict(plain_opt.state_dict())
+    state_types = sorted({type(v).__name__ for s in opt.state.values() for v in s.values()})
+    rows = slice(rank * N_GLOBAL // world, (rank + 1) * N_GLOBAL // world)
+    for x, y in batches[3:]:
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+    return {"params": [full(p) for p in model.parameters()], "state_types": state_types}
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
     "mixed_precision": scenario_mixed_precision,
@@ -353,6 +378,7 @@ SCENARIOS = {
     "no_reducer": scenario_no_reducer,
     "checkpoint": scenario_checkpoint,
     "split": scenario_split,
+    "plain_state": scenario_plain_state,
 }
 
 

@@ -254,6 +254,17 @@ def test_checkpoint_saved_in_one_process_resumes_on_two_ranks(ranks: list[dict],
         assert max_diff(result["params"], one["params"]) < 1e-12
 
 
+@pytest.mark.slow
+def test_one_process_state_dict_loads_into_the_sharded_optimizer(ranks: list[dict]) -> None:
+    """``load_state_dict`` of a whole (one-process) state: each rank keeps its rows as DTensors,
+    and the run continues within 1e-10 of one process trained throughout."""
+    r0, r1 = scenario(ranks, "plain_state")
+    assert "DTensor" in r0["state_types"]
+    uninterrupted = worker.train("paper_mlp", steps=6)
+    assert max_diff(r0["params"], uninterrupted["params"]) < TOL
+    assert max_diff(r1["params"], uninterrupted["params"]) < TOL
+
+
 # -- every built-in adapter's shard rows, in one process ----------------------------------------
 def _layer(name: str) -> tuple[torch.nn.Module, object]:
     """A float64 layer and its forward on a small random input (under float64 defaults)."""
