@@ -40,6 +40,7 @@ from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Worksp
 from curvlab.regions import shared_parameters
 from curvlab.sharding import (
     LocalState,
+    LocalViews,
     RowShard,
     as_global,
     is_sharded,
@@ -230,6 +231,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._seen_capture = False
         self._closed = False
         self._checked_sharding = False
+        #: stable local tensors of FSDP2 parameters (buffers are cached by tensor identity)
+        self._local_views = LocalViews()
         #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
         self._capture_gate = lifecycle.weak_gate(self)
         self._warned_not_training = False
@@ -774,7 +777,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                 state = self.state[p]
                 if is_sharded(p):
-                    shard = shards[id(p)] = row_shard(p)
+                    shard = shards[id(p)] = row_shard(p, self._local_views(p))
                     if not state:
                         for key, value in self.update_rule.init_state(shard.local).items():
                             state[key] = as_global(value, p)

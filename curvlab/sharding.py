@@ -77,7 +77,34 @@ class RowShard:
         return self.shape[0]
 
 
-def row_shard(param: Tensor) -> RowShard:
+class LocalViews:
+    """One local-tensor object per DTensor parameter across steps.
+
+    ``DTensor.to_local()`` returns a new view of the same storage at every call; the optimizer
+    caches per-parameter buffers by tensor identity (``Workspace``), so without a stable view
+    it would allocate a new buffer at every step. A cached view is replaced when the storage,
+    shape or layout of the local tensor changes (FSDP2's lazy initialisation).
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[int, Tensor] = {}
+
+    def __call__(self, param: Tensor) -> Tensor:
+        view = param.to_local()
+        cached = self._views.get(id(param))
+        if (
+            cached is not None
+            and cached.data_ptr() == view.data_ptr()
+            and cached.shape == view.shape
+            and cached.stride() == view.stride()
+            and cached.dtype == view.dtype
+        ):
+            return cached
+        self._views[id(param)] = view
+        return view
+
+
+def row_shard(param: Tensor, local_view: Tensor | None = None) -> RowShard:
     """This rank's rows of a DTensor parameter; a clear error for any other layout.
 
     Supported placements: ``Shard(0)`` (FSDP2) and ``Replicate()`` on any mesh dimension
@@ -105,9 +132,8 @@ def row_shard(param: Tensor) -> RowShard:
             f"{tuple(param.placements)}"
         )
     group = param.device_mesh.get_group(split[0]) if split else None
-    return RowShard(
-        param.to_local(), start, start + rows, param.shape, param.device_mesh.size(), param, group
-    )
+    view = param.to_local() if local_view is None else local_view
+    return RowShard(view, start, start + rows, param.shape, param.device_mesh.size(), param, group)
 
 
 def gather_rows(local_rows: Tensor, shard: RowShard) -> Tensor:

@@ -241,6 +241,7 @@ def train(
         distributed_checkpoint.load(resume, model, opt)
     start = opt.metrics()["steps"]
     factors = curvature(opt) if resume is not None else None
+    workspace = []  # reused buffers after each step: constant (no buffer per step)
     for step, (x, y) in enumerate(make_batches(model_name, steps)):
         if step < start:
             continue
@@ -255,6 +256,7 @@ def train(
         opt.zero_grad()
         F.cross_entropy(model(x.to(dtype)).to(torch.float64), y).backward()
         opt.step()
+        workspace.append(len(opt._workspace._buffers))
     return {
         "params": [full(p) for p in model.parameters()],
         "local_rows": [
@@ -263,6 +265,7 @@ def train(
         "metrics": opt.metrics(),
         "factors": factors,  # at the checkpoint (saved or loaded)
         "refreshed": refreshed,
+        "workspace": workspace,
         "factor_dtypes": sorted(
             {
                 str(v.dtype)

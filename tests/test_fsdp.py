@@ -151,6 +151,8 @@ def test_two_ranks_match_one_process(ranks: list[dict], case: str) -> None:
     ]
     # per-parameter state lives as DTensors (reshardable by torch.distributed.checkpoint)
     assert "DTensor" in r0["state_types"]
+    # the reused buffers are allocated once, not at every step
+    assert r0["workspace"] == [r0["workspace"][0]] * worker.STEPS
     # the run moved the parameters: the comparison is not trivially true
     initial = list(worker.make_model(worker.CASES[case][1]).parameters())
     assert max_diff(reference["params"], initial) > 0.04
