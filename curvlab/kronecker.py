@@ -97,6 +97,17 @@ class RefreshItem:
         return dense_factor(self.structure, self.state[key])
 
 
+def refresh_cost(item: RefreshItem) -> float:
+    """Relative cost of refreshing a layer: ``Σ groups · d³`` over its two factors (an
+    eigendecomposition or inverse of each group's d×d factor)."""
+    cost = 0.0
+    for key in ("H", "S"):
+        factor = item.state[key]
+        groups = factor.shape[0] if factor.dim() > 2 else 1
+        cost += groups * float(factor.shape[-1]) ** 3
+    return cost
+
+
 def batches(items: Sequence[RefreshItem]) -> list[list[RefreshItem]]:
     """Items grouped by the dtype, device and shapes of their factors (one batch each)."""
     out: dict[tuple, list[RefreshItem]] = {}

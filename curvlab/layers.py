@@ -13,6 +13,7 @@ from curvlab import registry
 from curvlab.interfaces.adapter import LayerAdapter, Statistic
 from curvlab.naming import canonical_named_modules, canonical_parameter_names
 from curvlab.regions import check_regions
+from curvlab.sharding import original_class
 
 
 @dataclass(eq=False)
@@ -203,12 +204,12 @@ def select_adapter(
             return mapping.adapter, None
         if not any(a.matches(module) for a in adapters):
             return None, (
-                f"no adapter for {type(module).__name__} among this optimizer's adapters (it is "
-                f"mapped to {mapping.adapter_name!r} by register_layer)"
+                f"no adapter for {original_class(module).__name__} among this optimizer's "
+                f"adapters (it is mapped to {mapping.adapter_name!r} by register_layer)"
             )
     adapter = next((a for a in adapters if a.matches(module)), None)
     if adapter is None:
-        return None, f"no adapter for {type(module).__name__}"
+        return None, f"no adapter for {original_class(module).__name__}"
     return adapter, None
 
 

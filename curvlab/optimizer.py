@@ -34,10 +34,20 @@ from curvlab.interfaces import (
 )
 from curvlab.interfaces.estimator import STRUCTURES
 from curvlab.interfaces.update import known_flag
-from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem
+from curvlab.kronecker import KroneckerOperator, KroneckerSolver, RefreshItem, refresh_cost
 from curvlab.layers import FallbackParameter, adapter_name, pair_parameters
 from curvlab.preconditioner import CurvaturePreconditioner, LayerFactors, Workspace
 from curvlab.regions import shared_parameters
+from curvlab.sharding import (
+    LocalState,
+    LocalViews,
+    RowShard,
+    as_global,
+    is_sharded,
+    local,
+    original_class,
+    row_shard,
+)
 from curvlab.validation import check_choice, check_positive_int, check_range
 
 #: adapters of the paper variant, tried in this order ("conv2d" before "conv": a Conv2d layer
@@ -220,6 +230,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: nothing ran yet, not that a layer is used functionally)
         self._seen_capture = False
         self._closed = False
+        self._checked_sharding = False
+        #: stable local tensors of FSDP2 parameters (buffers are cached by tensor identity)
+        self._local_views = LocalViews()
         #: what the hooks call: the optimizer through a weak reference (curvlab.lifecycle)
         self._capture_gate = lifecycle.weak_gate(self)
         self._warned_not_training = False
@@ -409,7 +422,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers = tuple(
             LayerCoverage(
                 record.name,
-                type(record.module).__name__,
+                original_class(record.module).__name__,
                 adapter_name(record.adapter),
                 sum(p.numel() for p in record.params.values() if id(p) in trainable_ids),
             )
@@ -500,8 +513,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ):
                 stale.append(item)
                 self._refreshed_versions[item.name] = version
-        if stale:
+        if not stale:
+            return
+        owners = self.reducer.split_refresh([refresh_cost(item) for item in stale])
+        if owners is None:
             solver.refresh(stale, self.normalizer, damping, self.damping.mode)
+            return
+        # KAISA: each layer refreshed on its owner rank, the results shared with the others
+        rank = self.reducer.rank
+        mine = [item for item, owner in zip(stale, owners) if owner == rank]
+        if mine:
+            solver.refresh(mine, self.normalizer, damping, self.damping.mode)
+        keys = solver.state_keys
+        shared = self.reducer.share(
+            [
+                item.state[k] if owner == rank else None
+                for item, owner in zip(stale, owners)
+                for k in keys
+            ],
+            [owner for owner in owners for _ in keys],
+            self._device(),
+        )
+        for n, item in enumerate(stale):
+            for j, key in enumerate(keys):
+                item.state[key] = shared[n * len(keys) + j]
 
     def _elementwise_curvature(self) -> dict[int, Tensor]:
         out = {}
@@ -517,10 +552,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return out
 
     def _fallback_curvature(self) -> dict[int, Tensor]:
-        """The fallback policy's curvature of each parameter without layer curvature."""
+        """The fallback policy's curvature of each parameter without layer curvature.
+
+        A sharded parameter's state is gathered first (an all-gather of its state, every
+        curvature rank in the same order): the policy normalises over the whole parameter.
+        """
         out = {}
         for _, p in self._uncovered():
-            F = self.fallback.curvature(p, self.state.get(p, {}), self.normalizer)
+            state = self.state.get(p, {})
+            if is_sharded(p):
+                state = {k: v.full_tensor() if is_sharded(v) else v for k, v in state.items()}
+            F = self.fallback.curvature(p, state, self.normalizer)
             if F is not None:
                 out[id(p)] = F
         return out
@@ -530,13 +572,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params, grads, states = [], [], []
         for _, p in self._uncovered():
             if p.grad is not None and p in self.state:
-                params.append(p)
-                grads.append(p.grad)
-                states.append(self.state[p])
+                sharded = is_sharded(p)
+                params.append(local(p))
+                grads.append(local(p.grad))
+                states.append(LocalState(self.state[p], p) if sharded else self.state[p])
         if params:
             self.fallback.update(params, grads, states, ok, self.gamma)
 
-    def _make_preconditioner(self) -> CurvaturePreconditioner:
+    def _make_preconditioner(
+        self, shards: dict[int, RowShard] | None = None
+    ) -> CurvaturePreconditioner:
         damping = self.damping.value(self._step)
         # the diagonal layers' products view the packed factors, which are refreshed in place:
         # they stay valid until a re-pack (products that are new tensors are rebuilt anyway)
@@ -554,6 +599,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             cached=cached,
             stable_storages=self._diagonal.storages(),
             fallback_curvature=self._fallback_curvature(),
+            shards=shards,
         )
         self._terms_cache = (key, precond.cached_terms)
         return precond
@@ -717,6 +763,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         work = []
         all_grads = []
+        #: FSDP2 parameters (DTensors): the step works on their rank-local rows (curvlab.sharding)
+        shards: dict[int, RowShard] = {}
         for group in self.param_groups:
             params, grads, states = [], [], []
             for p in group["params"]:
@@ -728,6 +776,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         "(use nn.Embedding(sparse=False))"
                     )
                 state = self.state[p]
+                if is_sharded(p):
+                    shard = shards[id(p)] = row_shard(p, self._local_views(p))
+                    if not state:
+                        for key, value in self.update_rule.init_state(shard.local).items():
+                            state[key] = as_global(value, p)
+                    params.append(shard.local)
+                    grads.append(local(p.grad))
+                    states.append(LocalState(state, p))
+                    continue
                 if not state:
                     state.update(self.update_rule.init_state(p))
                 params.append(p)
@@ -736,6 +793,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params, grads, states))
                 all_grads.extend(grads)
+        if shards and not self._checked_sharding:
+            self._check_sharding(shards)
         device = self._device()
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -755,7 +814,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._update_elementwise(work, ok)
         self._refresh_solver()
 
-        self.update_rule.update(work, self._make_preconditioner(), ok)
+        self.update_rule.update(work, self._make_preconditioner(shards), ok)
         self._buffer_guard.restore(ok)
 
         self._skipped += (~ok).to(torch.int64)
@@ -764,6 +823,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for record in self.layers:  # statistics of non-curvature steps are never kept
             record.clear()
         return loss
+
+    def _check_sharding(self, shards: dict[int, RowShard]) -> None:
+        """Sharded parameters on several ranks need statistics and the finite flag reduced
+        across ranks: every rank holds different rows, so a rank-local flag would let the
+        ranks skip different steps, and local statistics would give each shard other factors."""
+        ranks = max(shard.ranks for shard in shards.values())
+        if ranks > 1 and getattr(self.reducer, "world_size", 1) == 1:
+            raise ValueError(
+                f"parameters sharded over {ranks} ranks (FSDP2) need reducer='torch_distributed' "
+                f"(the reducer is {self.reducer!r}): curvature statistics and the finite flag "
+                f"must be reduced across ranks"
+            )
+        if ranks > 1 and getattr(self.reducer, "finite_flag", "all_reduce") == "local":
+            raise ValueError(
+                "finite_flag='local' with parameters sharded by FSDP2: each rank checks only its "
+                "own gradient rows, so the flag must be all-reduced (finite_flag='all_reduce')"
+            )
+        self._checked_sharding = True
 
     def _device(self) -> torch.device:
         for group in self.param_groups:
@@ -790,6 +867,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "layers_description": self._describe_layers(),
         }
         return sd
+
+    def _shard_loaded_state(self) -> None:
+        """Whole per-parameter state (a state saved by one process, loaded on every rank)
+        of a sharded parameter becomes its rows, as a DTensor laid out like the parameter."""
+        for p, state in self.state.items():
+            if not is_sharded(p):
+                continue
+            shard = row_shard(p)
+            for key, value in state.items():
+                if isinstance(value, Tensor) and not is_sharded(value) and value.dim():
+                    if value.shape == p.shape:
+                        rows = value[shard.start : shard.stop].clone()
+                        state[key] = as_global(rows, p)
 
     def _describe_layers(self) -> list[tuple]:
         """What a layer's factors depend on: name, adapter, structure, parameter shapes."""
@@ -837,6 +927,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}"
                     )
         super().load_state_dict(state_dict)
+        self._shard_loaded_state()
         device = self._device()
         self.curvature_state.clear()  # the same dict: the diagonal store holds it
         for name, state in curvature["layers"].items():

@@ -20,6 +20,7 @@ from curvlab.interfaces.update import Preconditioner
 from curvlab.kronecker import KroneckerOperator, solve_all, split_pi
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
+from curvlab.sharding import RowShard, gather_rows, is_sharded, local, shard_rows_of_term
 
 __all__ = ["CurvaturePreconditioner", "LayerFactors", "Workspace", "split_pi"]
 
@@ -133,6 +134,7 @@ class CurvaturePreconditioner(Preconditioner):
         cached: CachedTerms | None = None,
         stable_storages: frozenset[int] = frozenset(),
         fallback_curvature: dict[int, Tensor] | None = None,
+        shards: dict[int, RowShard] | None = None,
     ) -> None:
         self.damping = damping
         self.fallback_curvature = fallback_curvature or {}
@@ -189,6 +191,55 @@ class CurvaturePreconditioner(Preconditioner):
                 self.terms.setdefault(key, []).append(term)
         for key in self.incomplete:
             self.terms.pop(key, None)
+        #: global parameter id → this rank's rows (FSDP2), and each local tensor's process group
+        self.shards: dict[int, RowShard] = {}
+        self._shard_groups: dict[int, object] = {}
+        if shards:
+            self._add_shards(shards)
+
+    def _add_shards(self, shards: dict[int, RowShard]) -> None:
+        """Entries for the rank-local tensors of sharded parameters (keyed by the global
+        parameter's id in ``shards``): their rows of the diagonal curvature, their local
+        elementwise / fallback curvature. The global entries stay (``dense_diagonal``)."""
+        self.shards = shards
+        for key, shard in shards.items():
+            mine = id(shard.local)
+            self._shard_groups[mine] = shard.group
+            if key in self.incomplete:
+                self.incomplete.add(mine)
+            terms = self.terms.get(key)
+            if terms is not None and shard.stop > shard.start:
+                self.terms[mine] = self._shard_terms(terms, shard)
+            for source in (self.elementwise, self.fallback_curvature):
+                if key in source:
+                    source[mine] = self._local_rows(source[key], shard)
+
+    @staticmethod
+    def _local_rows(F: Tensor, shard: RowShard) -> Tensor:
+        """This rank's rows of a curvature: its local tensor (a DTensor), or its rows (a whole
+        tensor of the parameter's shape, e.g. a fallback computed from gathered state)."""
+        if is_sharded(F) or F.dim() == 0 or tuple(F.shape) != tuple(shard.shape):
+            return local(F)
+        return F[shard.start : shard.stop]
+
+    @staticmethod
+    def _shard_terms(terms: list[Term], shard: RowShard) -> list[Term]:
+        """The terms of a parameter restricted to this rank's rows ``[start, stop)``: slices of
+        the factors (``sharding.shard_rows_of_term``), each with the local rows it fills."""
+        out = []
+        for term in terms:
+            a, b = (0, shard.rows) if term.region is None else span(term.region, shard.rows)
+            lo, hi = max(a, shard.start), min(b, shard.stop)
+            if lo >= hi:
+                continue
+            pieces = shard_rows_of_term(term.left, term.right, term.shape, b - a, lo - a, hi - a)
+            for rows, left, right in pieces:
+                offset = lo - shard.start
+                out.append(Term.of(left, right, slice(rows.start + offset, rows.stop + offset)))
+        whole = slice(0, shard.stop - shard.start)
+        if all(t.region == whole for t in out):  # no packed rows: the plain fast path
+            out = [t._replace(region=None) for t in out]
+        return out
 
     def _layer_terms(self, record: LayerRecord, H: Tensor, S: Tensor) -> list[tuple[int, Term]]:
         """(parameter id, product) of every role of one layer."""
@@ -401,7 +452,27 @@ class CurvaturePreconditioner(Preconditioner):
     def _solve_joint(
         self, params: list[Tensor], tensors: list[Tensor], power: float, out: list
     ) -> None:
+        """Banded/full layers: weight and bias as one matrix, solved by the layer's operator.
+
+        A parameter sharded by FSDP2 enters as its local rows: its tensor is gathered whole
+        (one all-gather per parameter, the same layers in the same order on every rank), solved
+        whole, and the rank keeps its rows (``sharding.gather_rows``; docs/distributed.md).
+        """
         index = {id(p): i for i, p in enumerate(params)}
+        for key, shard in self.shards.items():  # a sharded parameter is passed as its rows
+            if id(shard.local) in index:
+                index[key] = index[id(shard.local)]
+        whole: dict[int, Tensor] = {}  # gathered tensors of sharded parameters, by position
+        rows: dict[int, RowShard] = {}
+
+        def source(i: int, p: Tensor) -> Tensor:
+            shard = self.shards.get(id(p))
+            if shard is None:
+                return tensors[i]
+            if i not in whole:
+                whole[i], rows[i] = gather_rows(tensors[i], shard), shard
+            return whole[i]
+
         jobs, operators, matrices = [], [], []
         for record, operator in self.joint:
             roles = {
@@ -412,25 +483,34 @@ class CurvaturePreconditioner(Preconditioner):
             if not roles:
                 continue
             regions = record.regions
+            inputs = {r: source(i, record.params[r]) for r, i in roles.items()}
             matrix = record.adapter.to_matrix(
-                record.module, {r: rows_of(tensors[i], regions.get(r)) for r, i in roles.items()}
+                record.module, {r: rows_of(v, regions.get(r)) for r, v in inputs.items()}
             )
             jobs.append((record, roles))
             operators.append(operator)
             matrices.append(matrix.to(operator.dtype))
         # layers whose operators share a batch (equal shapes) are solved as one
+        solved_whole: list[Tensor | None] = [None] * len(out)  # sharded: the whole solution
         for (record, roles), solved in zip(jobs, solve_all(operators, matrices, power)):
             regions = record.regions
             pieces = record.adapter.from_matrix(record.module, solved)
             for role, i in roles.items():
+                target = solved_whole if i in whole else out
                 piece = pieces[role].to(tensors[i].dtype)
                 region = regions.get(role)
                 if region is None:
-                    out[i] = piece
+                    target[i] = piece
                 else:  # one block of a packed parameter: the other blocks fill the other rows
-                    if out[i] is None:
-                        out[i] = torch.empty_like(tensors[i])
-                    out[i][region] = piece
+                    if target[i] is None:
+                        target[i] = torch.empty_like(whole.get(i, tensors[i]))
+                    target[i][region] = piece
+        for i, shard in rows.items():  # this rank's rows of the whole solution
+            if solved_whole[i] is not None:
+                out[i] = solved_whole[i][shard.start : shard.stop]
+
+    def shard_group(self, param: Tensor) -> object | None:
+        return self._shard_groups.get(id(param))
 
     def dense_diagonal(self, param: Tensor) -> Tensor:
         """diag(F), damping included, such that the update divides by ``F^p`` — except with

@@ -253,3 +253,49 @@ def restore(path: Path, model: torch.nn.Module, optimizer: Any, state: dict[str,
         raise CheckpointError(
             f"checkpoint {path} does not fit this model or optimizer ({first})"
         ) from None
+
+
+# -- sharded (FSDP2) checkpoints ------------------------------------------------------------------
+def sharded_name(checkpoint: Path, epoch: int) -> str:
+    """The DCP directory of epoch ``epoch``'s sharded model and optimizer, next to
+    ``checkpoint`` (a new one per save: the file is replaced only once its shards are all
+    written, so a crash leaves the previous pair intact)."""
+    return f"{checkpoint.stem}.epoch{epoch}.dcp"
+
+
+def save_sharded(
+    checkpoint: Path, epoch: int, model: torch.nn.Module, optimizer: Any, ctx: Any
+) -> str:
+    """Every rank writes its shards of ``model`` and ``optimizer`` (factors included) with
+    :mod:`curvlab.distributed_checkpoint`; returns the directory's name (relative)."""
+    from curvlab import distributed_checkpoint
+
+    name = sharded_name(checkpoint, epoch)
+    distributed_checkpoint.save(checkpoint.parent / name, model, optimizer)
+    return name
+
+
+def remove_older_sharded(checkpoint: Path, keep: str) -> None:
+    """Remove the DCP directories of earlier saves (after ``checkpoint`` points at ``keep``)."""
+    import shutil
+
+    for path in checkpoint.parent.glob(f"{checkpoint.stem}.epoch*.dcp"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def restore_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Load a sharded model and optimizer, resharded to this run's ranks; a directory that is
+    missing or does not fit is a :class:`CheckpointError` naming it. DCP reads its metadata
+    with ``pickle``: load sharded checkpoints only from sources you trust (docs/security.md)."""
+    from curvlab import distributed_checkpoint
+
+    if not path.is_dir():
+        raise CheckpointError(f"sharded checkpoint {path} is missing (checkpoint.pt names it)")
+    try:
+        distributed_checkpoint.load(path, model, optimizer)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"sharded checkpoint {path} does not fit this model or optimizer ({first})"
+        ) from None

@@ -160,3 +160,27 @@ class DistributedContext:
             f"train.distributed_timeout_s = {self.timeout_s:g} s: {who} (stopped, deadlocked or "
             f"stuck in I/O){action}; the job ends ({str(err).strip().splitlines()[0][:120]})"
         )
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 for ``train.parallel = "fsdp"``: ``fully_shard`` on every direct child that holds
+    parameters, then on the root (which takes the parameters of the children left out). Each
+    rank then holds about 1/W of every parameter's rows; the forward and backward gather one
+    child at a time. Returns ``model`` (sharded in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. FSDP2 leaves buffers
+    per rank (DDP broadcasts rank 0's at every forward); a sharded checkpoint stores one copy
+    of each, so the ranks agree on rank 0's before saving, and a resumed run evaluates with the
+    statistics the uninterrupted one has on rank 0."""
+    for buffer in model.buffers():
+        if not hasattr(buffer, "device_mesh"):  # a DTensor buffer is laid out already
+            dist.broadcast(buffer, src=0)

@@ -39,15 +39,26 @@ from curvlab.experiments.checkpoint import (
     changed_bindings,
     config_bindings,
     load_checkpoint,
+    remove_older_sharded,
     restore,
+    restore_sharded,
     resume_path,
     save_checkpoint,
+    save_sharded,
 )
 from curvlab.experiments.data import CifarAugment, Split
-from curvlab.experiments.distributed import DEFAULT_TIMEOUT_S, DistributedContext, is_timeout
+from curvlab.experiments.distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistributedContext,
+    broadcast_buffers,
+    is_timeout,
+    shard_model,
+)
 from curvlab.validation import ConfigError, check_int, check_positive_int, check_range
 
 TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+#: train.parallel under torchrun: DistributedDataParallel or FSDP2 (fully_shard)
+PARALLEL = ("ddp", "fsdp")
 #: train.* settings a resumed run may change (the others must equal the checkpoint's)
 MAY_CHANGE_ON_RESUME = tuple(
     ("train", name)
@@ -130,6 +141,7 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool | str = False,
     distributed_timeout_s: float = DEFAULT_TIMEOUT_S,
+    parallel: str = "ddp",
     out_dir: str | None = None,
     quiet: bool = False,
     overwrite: bool = False,
@@ -154,7 +166,11 @@ def train(
     data-parallel: DistributedDataParallel, a DistributedSampler giving each rank
     ``batch_size / N`` of every global batch, the ``torch_distributed`` reducer for the factor
     statistics (when the config says ``"none"``), rank 0 writes every file, and every
-    collective waits at most ``distributed_timeout_s`` seconds.
+    collective waits at most ``distributed_timeout_s`` seconds. ``parallel = "fsdp"`` shards the
+    model with FSDP2 instead of DDP (:func:`~curvlab.experiments.distributed.shard_model`: every
+    direct child with parameters, then the root); its checkpoints are sharded
+    (:mod:`curvlab.distributed_checkpoint`, a directory next to ``checkpoint.pt``) and resume on
+    any number of ranks.
 
     Each metrics row and the summary count the optimizer ``steps`` and the ``skipped_steps``
     (steps a curvlab optimizer skipped on a non-finite loss, gradient or statistic).
@@ -163,7 +179,7 @@ def train(
         model=model, data=data, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
         seed=seed, device=device, augment=augment, time_budget_s=time_budget_s,
         num_threads=num_threads, checkpoint_every=checkpoint_every, out_dir=out_dir,
-        distributed_timeout_s=distributed_timeout_s,
+        distributed_timeout_s=distributed_timeout_s, parallel=parallel,
     )  # fmt: skip
     if time_budget_from is not None:
         if time_budget_s is not None:
@@ -182,7 +198,7 @@ def train(
     try:
         return _train(model, data, optimizer, epochs, batch_size, seed, device, augment,
                       time_budget_s, out_dir, quiet, checkpoint_every, resume_from,
-                      distributed_timeout_s, overwrite, shuffle)
+                      distributed_timeout_s, overwrite, shuffle, parallel)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -212,6 +228,11 @@ def _check_arguments(**kw: Any) -> None:
     if not (isinstance(augment, bool) or callable(augment)):
         raise ConfigError(f"train.augment must be True, False or a callable, got {augment!r}")
     check_device("train.device", kw["device"])
+    if kw["parallel"] not in PARALLEL:
+        raise ConfigError(
+            f"train.parallel must be one of {', '.join(map(repr, PARALLEL))}, "
+            f"got {kw['parallel']!r}"
+        )
 
 
 def check_device(key: str, device: Any) -> None:
@@ -251,12 +272,14 @@ def _train(
     timeout_s: float,
     overwrite: bool,
     shuffle: bool,
+    parallel: str,
 ) -> dict[str, float]:
     ctx = DistributedContext.from_env(device, timeout_s)
     try:
         return _train_in_context(
             ctx, model, data, optimizer, epochs, batch_size, seed, device, augment,
             time_budget_s, out_dir, quiet, checkpoint_every, resume_from, overwrite, shuffle,
+            parallel,
         )  # fmt: skip
     except RuntimeError as err:
         if ctx.world > 1 and is_timeout(err):
@@ -283,6 +306,7 @@ def _train_in_context(
     resume_from: Path | None,
     overwrite: bool,
     shuffle: bool,
+    parallel: str,
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -298,6 +322,9 @@ def _train_in_context(
     torch.manual_seed(seed)
     split = data()
     net = model().to(device)
+    fsdp = parallel == "fsdp" and ctx.world > 1
+    if fsdp:  # before the optimizer: it must hold the sharded parameters
+        shard_model(net)
     opt = optimizer(net)
     coverage = report_coverage(opt, quiet or not ctx.is_main)
     trained = net
@@ -307,7 +334,8 @@ def _train_in_context(
                 f"train.batch_size = {batch_size} must be divisible by the {ctx.world} ranks"
             )
         _use_distributed_reducer(opt, ctx.timeout_s)
-        trained = nn.parallel.DistributedDataParallel(net)
+        if not fsdp:
+            trained = nn.parallel.DistributedDataParallel(net)
     if augment is True:
         augment = CifarAugment(seed=seed)
     x_tr, y_tr = split.x_train.to(device), split.y_train.to(device)
@@ -328,7 +356,10 @@ def _train_in_context(
                 f"({'; '.join(changed)}). A resumed run continues the same run; start a new one "
                 f"(another --out, or --overwrite) to change them"
             )
-        restore(resume_from, net, opt, state)
+        if "sharded" in state:  # model and optimizer in a DCP directory next to the file
+            restore_sharded(resume_from.parent / state["sharded"], net, opt)
+        else:
+            restore(resume_from, net, opt, state)
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if "augment_rng" in state and hasattr(augment, "generator"):
@@ -391,8 +422,6 @@ def _train_in_context(
                 kind="train",
                 epoch=epoch + 1,
                 steps=steps,
-                model=net.state_dict(),
-                optimizer=opt.state_dict(),
                 generator=generator.get_state(),
                 torch_rng=torch.get_rng_state(),
                 train_time=train_time,
@@ -401,8 +430,15 @@ def _train_in_context(
             )
             if hasattr(augment, "generator"):
                 state["augment_rng"] = augment.generator.get_state()
+            if fsdp:  # every rank writes its shards; the file then points at them
+                broadcast_buffers(net)
+                state["sharded"] = save_sharded(checkpoint, epoch + 1, net, opt, ctx)
+            else:
+                state.update(model=net.state_dict(), optimizer=opt.state_dict())
             if ctx.is_main:
                 save_checkpoint(state, checkpoint)
+                # (a one-process resume of a sharded run writes the whole state in the file)
+                remove_older_sharded(checkpoint, state.get("sharded", ""))
         if time_budget_s is not None and train_time >= time_budget_s:
             break
     summary = dict(summary)

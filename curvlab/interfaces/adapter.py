@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.scratch import scratch
+from curvlab.sharding import original_class, rows_numel
 
 
 class Statistic(NamedTuple):
@@ -58,7 +59,7 @@ class LayerAdapter(ABC):
 
     def matches(self, module: nn.Module) -> bool:
         if self.exact_type:
-            return type(module) in self.module_types
+            return original_class(module) in self.module_types
         return isinstance(module, self.module_types)
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -160,7 +161,7 @@ class LayerAdapter(ABC):
         """
         params = self.parameters(module)
         groups = H.shape[0] if H.dim() == 2 else 1
-        n_weight = params["weight"][0].numel()
+        n_weight = rows_numel(params["weight"].shape)  # not weight[0]: a DTensor would gather
         H2 = H.reshape(groups, 1, -1)
         S2 = S.reshape(groups, -1, 1)
         out: dict[str, tuple[Tensor, Tensor | None]] = {"weight": (S2, H2[..., :n_weight])}
@@ -232,7 +233,7 @@ class LayerAdapter(ABC):
         weight = params["weight"]
         out = weight.shape[0]
         matrix = matrix.reshape(out, -1)
-        n_weight = weight[0].numel()
+        n_weight = rows_numel(weight.shape)
         result = {"weight": matrix[:, :n_weight].reshape(weight.shape)}
         if "bias" in params:
             result["bias"] = matrix[:, n_weight]

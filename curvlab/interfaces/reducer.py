@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 
@@ -35,6 +36,26 @@ class Reducer(ABC):
         one collective."""
         totals, counts = self.reduce(totals, counts)
         return totals, counts, self.all_finite(flag)
+
+    def split_refresh(self, costs: list[float]) -> list[int] | None:
+        """KAISA-style split of the banded/full refresh (eigendecompositions, inverses): the
+        rank that computes each layer (``costs``: its relative cost), or None (every rank
+        computes every layer; the default). With owners, the optimizer refreshes its own
+        layers and calls :meth:`share` with the results."""
+        return None
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the reducer's ranks (0 for one process)."""
+        return 0
+
+    def share(
+        self, tensors: list[Tensor | None], owners: list[int], device: torch.device
+    ) -> list[Tensor]:
+        """Tensor ``i``, computed on rank ``owners[i]`` (None elsewhere), on every rank."""
+        if any(t is None for t in tensors):
+            raise NotImplementedError(f"{type(self).__name__} does not share tensors across ranks")
+        return list(tensors)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -38,6 +38,12 @@ class Preconditioner(ABC):
     def dense_diagonal(self, param: Tensor) -> Tensor:
         """The diagonal of ``F`` for ``param`` (damping included), shaped like the parameter."""
 
+    def shard_group(self, param: Tensor) -> Any | None:
+        """The process group over which ``param``'s rows are split when the step works on a
+        shard (FSDP2; ``param`` is then the local rows), else None. A rule that sums over
+        parameters (K-FAC's KL clip) all-reduces the sums of sharded parameters over it."""
+        return None
+
 
 #: reading a 0-dim CPU tensor costs nothing (there is no device to wait for), so on CPU the
 #: rules may branch on the step's finite flag; tests switch this off to run the device path

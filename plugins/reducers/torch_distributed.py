@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.interfaces.reducer import Reducer
+from curvlab.plugins.reducers import refresh_split
 from curvlab.registry import register
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,10 @@ class TorchDistributedReducer(Reducer):
             ``train.distributed_timeout_s``). CUDA tensors always use the process group's
             timeout: a timed wait on an NCCL collective blocks the host, a synchronisation
             every step.
+        split_inverses: KAISA's split of the banded/full refresh (eigendecompositions,
+            inverses): each layer is refreshed on one rank (largest first to the least-loaded)
+            and the results are broadcast (:mod:`curvlab.plugins.reducers.refresh_split`).
+            Same results as every rank refreshing every layer; ``False`` (default) keeps that.
 
     Raises:
         RuntimeError: if ``torch.distributed`` is unavailable or not initialised.
@@ -153,6 +158,7 @@ class TorchDistributedReducer(Reducer):
         log_skips: bool = True,
         loss_convention: str = "global",
         timeout_s: float | None = None,
+        split_inverses: bool = False,
     ) -> None:
         if not dist.is_available():
             raise RuntimeError(
@@ -177,6 +183,7 @@ class TorchDistributedReducer(Reducer):
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
         self.timeout_s = timeout_s
+        self.split_inverses = bool(split_inverses)
         self.loss_convention = loss_convention
         self.group = group
         self.bucket_size_mb = bucket_size_mb
@@ -209,6 +216,16 @@ class TorchDistributedReducer(Reducer):
     @property
     def rank(self) -> int:
         return dist.get_rank(self.group)
+
+    def split_refresh(self, costs: list[float]) -> list[int] | None:
+        if not self.split_inverses or self.world_size == 1:
+            return None
+        return refresh_split.assign_owners(costs, self.world_size)
+
+    def share(
+        self, tensors: list[Tensor | None], owners: list[int], device: torch.device
+    ) -> list[Tensor]:
+        return refresh_split.share(tensors, owners, self.group, device)
 
     def _all_reduce(self, tensor: Tensor, async_op: bool = False):  # noqa: ANN202
         self.collectives += 1

@@ -35,6 +35,30 @@ def direction_dot_gradient(directions: list[Tensor], grads: list[Tensor], on_hos
     ).sum()
 
 
+def whole_dot(
+    precond: Preconditioner,
+    params: list[Tensor],
+    directions: list[Tensor],
+    grads: list[Tensor],
+    on_host: bool,
+) -> Tensor:
+    """``Σ d·g`` over the whole parameters: for parameters whose rows are split across ranks
+    (FSDP2, ``Preconditioner.shard_group``) the partial sums are all-reduced over their group
+    (one collective per group; every rank passes the same parameters in the same order)."""
+    parts: dict[Any, tuple[list[Tensor], list[Tensor]]] = {}
+    for p, d, g in zip(params, directions, grads, strict=True):
+        ds, gs = parts.setdefault(precond.shard_group(p), ([], []))
+        ds.append(d)
+        gs.append(g)
+    total = None
+    for group, (ds, gs) in parts.items():
+        part = direction_dot_gradient(ds, gs, on_host)
+        if group is not None:
+            torch.distributed.all_reduce(part, group=group)
+        total = part if total is None else total + part
+    return total
+
+
 @register("updates", "kfac")
 class KFACUpdate(UpdateRule):
     r"""Natural gradient ``d = F^{-1}(g + κθ)`` (F = the damped Kronecker curvature), then::
@@ -77,7 +101,7 @@ class KFACUpdate(UpdateRule):
         nu: Tensor | float = 1.0
         if self.kl_clip is not None:
             lr = work[0][0]["lr"]
-            vg = direction_dot_gradient(directions, all_grads, on_host=bool(known))
+            vg = whole_dot(precond, all_params, directions, all_grads, on_host=bool(known))
             nu = torch.sqrt(self.kl_clip / (lr**2 * vg.clamp_min(1e-30))).clamp(max=1.0)
             nu = torch.nan_to_num(nu, nan=0.0)
             if known:
