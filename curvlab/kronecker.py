@@ -85,6 +85,32 @@ def normalized_matrix(normalizer: Normalizer, dense: Tensor) -> Tensor:
     return (vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
 
+#: per-slice multiply-adds from which a CPU batched product runs slice by slice (see matmul)
+CPU_SLICE_MACS = 1 << 28
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for stacks of equal batch shape. On CPU, large slices are multiplied one
+    ``mm`` at a time into one output: a batched GEMM of (3, 512, 4608) × (3, 4608, 4608) took
+    1.1–1.3× the time of three ``mm`` calls on the benchmark CPU (2 threads: 909 against
+    719 ms), while small slices (≲ 128 × 1152 × 1152) are faster batched."""
+    if (
+        a.device.type != "cpu"
+        or a.dim() < 3
+        or a.shape[:-2] != b.shape[:-2]
+        or a.shape[-2] * a.shape[-1] * b.shape[-1] < CPU_SLICE_MACS
+    ):
+        return a @ b
+    batch = a.shape[:-2]
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    out = torch.empty(*batch, a.shape[-2], b.shape[-1], dtype=dtype)
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    o3 = out.view(-1, *out.shape[-2:])
+    for k in range(a3.shape[0]):
+        torch.mm(a3[k], b3[k], out=o3[k])
+    return out
+
+
 @dataclass
 class RefreshItem:
     """One layer to refresh: its name, factor structure and curvature state (written to)."""

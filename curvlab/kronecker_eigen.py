@@ -23,6 +23,7 @@ from curvlab.kronecker import (
     batches,
     damped_diagonal,
     eigen_denominator,
+    matmul,
     pad_matrices,
 )
 
@@ -82,9 +83,9 @@ class EigenOperator(KroneckerOperator):
         D = pad_matrices(denoms, rows, cols, value=1.0)
         if len(ops) == 1:
             V, D = V[0], D[0]
-        rotated = QS.transpose(-1, -2) @ V @ QH
+        rotated = matmul(matmul(QS.transpose(-1, -2), V), QH)
         out, d = matrices[0].shape[-2:]
-        solved = (QS @ (rotated / D) @ QH.transpose(-1, -2))[..., :out, :d]
+        solved = matmul(matmul(QS, rotated / D), QH.transpose(-1, -2))[..., :out, :d]
         return [solved] if len(ops) == 1 else list(solved.unbind())
 
 

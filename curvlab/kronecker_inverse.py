@@ -38,6 +38,7 @@ from curvlab.kronecker import (
     Packs,
     RefreshItem,
     batches,
+    matmul,
     normalized_matrix,
     pad_matrices,
     split_pi,
@@ -131,7 +132,7 @@ class InverseOperator(KroneckerOperator):
         else:
             V = pad_matrices(matrices, S.shape[-1], H.shape[-1])
         out, d = matrices[0].shape[-2:]
-        solved = (S @ V @ H)[..., :out, :d]
+        solved = matmul(matmul(S, V), H)[..., :out, :d]
         return [solved] if len(ops) == 1 else list(solved.unbind())
 
 

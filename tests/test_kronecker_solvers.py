@@ -509,3 +509,20 @@ def test_gram_equals_the_full_product_and_is_symmetric(rows_shape):
     torch.testing.assert_close(A, rows.transpose(1, 2) @ rows, rtol=1e-13, atol=1e-12)
     if rows_shape[-1] >= 2 * 128:  # the block triangle, mirrored (below: one product)
         assert torch.equal(A, A.transpose(1, 2))
+
+
+def test_cpu_matmul_of_large_slices_equals_the_batched_product(monkeypatch):
+    """curvlab.kronecker.matmul multiplies large CPU slices one mm at a time (faster than a
+    batched GEMM there); the result is the batched product's, also for transposed views,
+    stacks of stacks and a threshold that sends every product down the loop."""
+    import curvlab.kronecker as kronecker
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 17, 9, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, 11, 9, generator=g, dtype=torch.float64).transpose(-1, -2)
+    monkeypatch.setattr(kronecker, "CPU_SLICE_MACS", 1)
+    out = kronecker.matmul(a, b)
+    torch.testing.assert_close(out, a @ b, rtol=1e-14, atol=0)
+    assert out.shape == (2, 3, 17, 11)
+    # unequal batch shapes broadcast through @
+    torch.testing.assert_close(kronecker.matmul(a, b[0]), a @ b[0], rtol=0, atol=0)
