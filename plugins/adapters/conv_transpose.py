@@ -18,7 +18,7 @@ from curvlab.plugins.adapters.convolution import (
     output_rows_of,
     output_square_sum,
     spatial_rank,
-    window_sums,
+    window_statistic,
 )
 from curvlab.registry import register
 from curvlab.transfer import to_device_async
@@ -138,11 +138,7 @@ class ConvTransposeAdapter(LayerAdapter):
             )
             for a in range(rank)
         ]
-        # float64 for the same reason as the convolution's window sums
-        total = window_sums(image.double(), selections).to(dtype).reshape(module.groups, -1)
-        if module.bias is not None:
-            total = torch.cat([total, total.new_full((module.groups, 1), n * positions)], dim=1)
-        return Statistic(total, n * positions)
+        return window_statistic(module, image, selections, n * positions, dtype)
 
     def output_diagonal(
         self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype

@@ -79,6 +79,21 @@ def window_selection(
     return to_device_async(selection, device)
 
 
+def window_statistic(
+    module: nn.Module, image: Tensor, selections: Sequence[Tensor], rows: int, dtype: torch.dtype
+) -> Statistic:
+    """H of a (transposed) convolution from the batch-summed x² ``image`` and its per-axis
+    selections: the window sums in (groups, C/groups·Πk) order, plus the bias column (every
+    row contributes 1), over ``rows`` = N · output positions.
+
+    The sums run in float64: the products are tiny, and a reduced matmul precision setting
+    (TF32, bf16 on CPU) must not round them. (C, k_0, …) is weight.view(C_out, -1)'s order."""
+    total = window_sums(image.double(), selections).to(dtype).reshape(module.groups, -1)
+    if module.bias is not None:
+        total = torch.cat([total, total.new_full((module.groups, 1), rows)], dim=1)
+    return Statistic(total, rows)
+
+
 def window_sums(image: Tensor, selections: Sequence[Tensor]) -> Tensor:
     """``out[c, i_0, …, i_{n−1}] = Σ_p Π_a sel_a[i_a, p_a] · image[c, p_0, …, p_{n−1}]``.
 
@@ -194,12 +209,7 @@ class ConvolutionAdapter(LayerAdapter):
             )
             for a in range(rank)
         ]
-        # in float64: the products are tiny, and a reduced matmul precision setting (TF32,
-        # bf16 on CPU) must not round these sums. (C, k_0, …) is weight.view(C_out, -1)'s order
-        total = window_sums(image.double(), selections).to(dtype).reshape(module.groups, -1)
-        if module.bias is not None:
-            total = torch.cat([total, total.new_full((module.groups, 1), n * positions)], dim=1)
-        return Statistic(total, n * positions)
+        return window_statistic(module, image, selections, n * positions, dtype)
 
     def output_diagonal(
         self, module: nn.Module, grad_output: Tensor, dtype: torch.dtype
