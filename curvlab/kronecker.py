@@ -111,6 +111,31 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def sandwich(left: Tensor, matrices: list[Tensor], right: Tensor) -> list[Tensor]:
+    """``left[k] @ matrices[k] @ right[k]`` for each k (``left``: (k, …, r, r) stacked and
+    zero-padded, ``right``: (k, …, c, c); a matrix may be smaller than (r, c): it is padded with
+    zeros and its product cut back to its own shape).
+
+    Large products on CPU (:data:`CPU_SLICE_MACS`, where :func:`matmul` goes slice by slice
+    anyway) read each matrix where it lies, padded only when its shape is not (r, c): stacking
+    them first would copy every gradient once more per step (ResNet-18: 11 M entries). Small
+    ones are stacked and multiplied batched."""
+    rows, cols = left.shape[-1], right.shape[-1]
+    m, n = matrices[0].shape[-2:]
+    per_slice = left.device.type == "cpu" and rows * cols * max(rows, cols) >= CPU_SLICE_MACS
+    if not per_slice:
+        stacked = pad_matrices(matrices, rows, cols)
+        solved = matmul(matmul(left, stacked), right)[..., :m, :n]
+        return list(solved.unbind())
+    out = []
+    for k, matrix in enumerate(matrices):
+        if matrix.shape[-2:] != (rows, cols):
+            matrix = pad_matrices([matrix], rows, cols)[0]
+        solved = (left[k] @ matrix) @ right[k]
+        out.append(solved if solved.shape[-2:] == (m, n) else solved[..., :m, :n])
+    return out
+
+
 @dataclass
 class RefreshItem:
     """One layer to refresh: its name, factor structure and curvature state (written to)."""

@@ -38,9 +38,8 @@ from curvlab.kronecker import (
     Packs,
     RefreshItem,
     batches,
-    matmul,
     normalized_matrix,
-    pad_matrices,
+    sandwich,
     split_pi,
 )
 
@@ -126,14 +125,10 @@ class InverseOperator(KroneckerOperator):
         if power != 1.0 or (len(ops) > 1 and positions != list(range(size))):
             return [op.solve(m, power) for op, m in zip(ops, matrices)]  # not the whole pack
         H, S = stacked["H_inv"], stacked["S_inv"]
-        if len(ops) == 1:
-            H, S = H[positions[0]], S[positions[0]]
-            V = pad_matrices(matrices, S.shape[-1], H.shape[-1])[0]
-        else:
-            V = pad_matrices(matrices, S.shape[-1], H.shape[-1])
-        out, d = matrices[0].shape[-2:]
-        solved = matmul(matmul(S, V), H)[..., :out, :d]
-        return [solved] if len(ops) == 1 else list(solved.unbind())
+        if len(ops) == 1:  # one layer of a pack: its slice (a view)
+            k = positions[0]
+            H, S = H[k : k + 1], S[k : k + 1]
+        return sandwich(S, matrices, H)
 
 
 class InverseSolver(KroneckerSolver):

@@ -19,6 +19,8 @@ from torch import Tensor
 class _Blocks(threading.local):
     def __init__(self) -> None:
         self.blocks: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        #: views of the blocks by (shape, dtype, device), dropped when a block is replaced
+        self.views: dict[tuple, Tensor] = {}
 
 
 _blocks = _Blocks()
@@ -29,17 +31,27 @@ def scratch(
 ) -> Tensor:
     """A contiguous uninitialised tensor, valid until the next ``scratch`` call in this thread
     (hooks run one at a time per thread: autograd runs a device's hooks on one thread)."""
+    blocks = _blocks
+    view = blocks.views.get((shape, dtype, device))
+    if view is not None:  # the common case: a shape seen before, costs one dict lookup
+        return view
     n = 1
     for size in shape:
         n *= size
     key = (torch.device(device), dtype)
-    block = _blocks.blocks.get(key)
+    block = blocks.blocks.get(key)
     if block is None or block.numel() < n:
         block = torch.empty(n, dtype=dtype, device=device)
-        _blocks.blocks[key] = block
-    return block[:n].view(shape)
+        blocks.blocks[key] = block
+        blocks.views = {  # views of the replaced block
+            k: v for k, v in blocks.views.items() if (torch.device(k[2]), k[1]) != key
+        }
+    view = block[:n].view(shape)
+    blocks.views[(tuple(shape), dtype, device)] = view
+    return view
 
 
 def release() -> None:
     """Drop this thread's scratch blocks (they are re-created on the next use)."""
     _blocks.blocks.clear()
+    _blocks.views.clear()

@@ -526,3 +526,27 @@ def test_cpu_matmul_of_large_slices_equals_the_batched_product(monkeypatch):
     assert out.shape == (2, 3, 17, 11)
     # unequal batch shapes broadcast through @
     torch.testing.assert_close(kronecker.matmul(a, b[0]), a @ b[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_sandwich_equals_the_padded_products(monkeypatch, per_slice):
+    """curvlab.kronecker.sandwich: ``left[k] @ V_k @ right[k]`` with zero-padded factors, cut
+    back to each V's shape, equals the product of the factors' top-left blocks, whether the
+    matrices are stacked (small) or read in place slice by slice (large, CPU): with and without
+    padding, with a group dimension, and for a matrix that is a strided view."""
+    import curvlab.kronecker as kronecker
+
+    monkeypatch.setattr(kronecker, "CPU_SLICE_MACS", 1 if per_slice else 1 << 62)
+    g = torch.Generator().manual_seed(1)
+    for (m, n), (r, c) in (((5, 7), (8, 16)), ((8, 16), (8, 16))):
+        left = torch.zeros(3, 2, r, r, dtype=torch.float64)
+        right = torch.zeros(3, 2, c, c, dtype=torch.float64)
+        left[..., :m, :m] = torch.randn(3, 2, m, m, generator=g, dtype=torch.float64)
+        right[..., :n, :n] = torch.randn(3, 2, n, n, generator=g, dtype=torch.float64)
+        base = torch.randn(3, 2, n, m, generator=g, dtype=torch.float64)
+        matrices = [base[k].transpose(-1, -2) for k in range(3)]  # (2, m, n) strided views
+        out = kronecker.sandwich(left, matrices, right)
+        for k in range(3):
+            expected = left[k, :, :m, :m] @ matrices[k] @ right[k, :, :n, :n]
+            assert out[k].shape == (2, m, n)
+            torch.testing.assert_close(out[k], expected, rtol=1e-13, atol=1e-13)
