@@ -24,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -422,7 +423,131 @@ def scenario_estimators(world: int, rank: int) -> dict:
     return out
 
 
+# -- overlap_backward: statistics all-reduced during the backward pass -----------------------------
+class Reuse(nn.Module):
+    """A layer used twice in one forward, a third use whose output gets no gradient, an
+    auxiliary head that only some steps' losses reach, and forwards under no_grad and in
+    eval mode between the forward and its backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.aux = nn.Linear(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, use_aux: bool) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        self.shared(h)  # captured, but the loss does not reach it
+        h = torch.tanh(self.shared(h))
+        out = self.head(h)
+        aux = self.aux(h)  # captured on every step, backpropagated on even steps only
+        return out + aux.sum(dim=1, keepdim=True) if use_aux else out
+
+
+def train_reuse(
+    *, world: int = 1, rank: int = 0, reducer: object = "none", split_forwards: bool = False
+) -> dict:
+    """AdaFisher on :class:`Reuse`, curvature every 2nd step, gradients summed across ranks by
+    hand (global loss), 2 micro-batches per step. ``split_forwards``: both micro-batches'
+    forwards first, then both backwards (pending outputs of two graphs at once)."""
+    torch.manual_seed(1234)
+    model = Reuse().double()
+    opt = curvlab.AdaFisher(model, lr=LR, curvature_interval=2, reducer=reducer)
+    sizes = [8] * 7 + [5]
+    splits = [[4, 4]] * 7 + [[4, 1]]
+    for step, (x, y) in enumerate(make_batches("mlp", sizes)):
+        n = x.shape[0]
+        if world > 1:
+            rows = rank_rows(n, world, rank, splits[step])
+            x, y = x[rows], y[rows]
+        opt.zero_grad()
+        losses = []
+        for xm, ym in zip(x.tensor_split(2), y.tensor_split(2), strict=True):
+            with torch.no_grad():
+                model(xm, True)
+            model.eval()
+            model(xm, True)  # eval mode: not captured
+            model.train()
+            loss = F.cross_entropy(model(xm, step % 4 == 0), ym, reduction="sum") / n
+            if split_forwards:
+                losses.append(loss)
+            else:
+                loss.backward()
+        for loss in losses:
+            loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is not None:  # the same on every rank (aux: even steps only)
+                    dist.all_reduce(p.grad)
+        opt.step()
+    overlap = getattr(opt.reducer, "overlap", None)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "metrics": opt.metrics(),
+        "launches": None
+        if overlap is None
+        else (overlap.launched_in_backward, overlap.launched_at_end),
+    }
+
+
+def scenario_overlap(world: int, rank: int) -> dict:
+    """Every case twice: statistics reduced in step() (today's path) and launched during the
+    backward pass (``overlap_backward=True``, tiny buckets: one launch per completed layer)."""
+    tiny = 1e-9  # MiB: every layer is its own bucket
+
+    def both(run: Callable[..., dict], **kwargs: object) -> dict:
+        overlapped = _reducer(overlap_backward=True, bucket_size_mb=tiny)
+        out = {"off": run(reducer=_reducer(), **kwargs), "on": run(reducer=overlapped, **kwargs)}
+        out["launches"] = (
+            overlapped.overlap.launched_in_backward,
+            overlapped.overlap.launched_at_end,
+        )
+        return out
+
+    out = {}
+    for name in ("mlp", "cnn"):
+        common = dict(world=world, rank=rank, ddp=True)
+        out["ddp", name] = both(partial(train, name), **common)
+        out["accumulation", name] = both(
+            partial(train, name), sizes=[10] * STEPS, micro_batches=3, **common
+        )
+    out["unequal", "mlp"] = both(
+        partial(train, "mlp"),
+        world=world,
+        rank=rank,
+        ddp=True,
+        sizes=UNEQUAL_SIZES,
+        splits=UNEQUAL_SPLITS,
+        curvature_interval=2,
+    )
+    out["full", "mlp"] = both(
+        partial(train, "mlp"),
+        world=world,
+        rank=rank,
+        ddp=True,
+        estimator=("full", {"per_sample": False}),
+    )
+    out["nan", "mlp"] = both(
+        partial(train, "mlp"), world=world, rank=rank, ddp=True, poison_input=(3, 1)
+    )
+    for split_forwards in (False, True):
+        out["reuse", split_forwards] = both(
+            train_reuse, world=world, rank=rank, split_forwards=split_forwards
+        )
+    # the default bucket (4 MiB): everything of these small models in one launch per backward
+    default = _reducer(overlap_backward=True)
+    out["default_bucket"] = train("mlp", world=world, rank=rank, ddp=True, reducer=default)
+    out["default_bucket"]["launches"] = (
+        default.overlap.launched_in_backward,
+        default.overlap.launched_at_end,
+    )
+    return out
+
+
 SCENARIOS = {
+    "overlap": scenario_overlap,
     "equivalence": scenario_equivalence,
     "estimators": scenario_estimators,
     "collectives": scenario_collectives,
