@@ -56,8 +56,8 @@ class Reducer(ABC):
     def take_reduced(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per layer name, ``(H_total, S_total, H_count, S_count)`` summed over ranks and over
         the backward passes since the last call, for the statistics this reducer took from the
-        layers during backward (waits for their collectives). They are the raw sums as the
-        hooks captured them (no loss-scale correction). Default: nothing was taken."""
+        layers during backward (waits for their collectives), in the units :meth:`reduce`
+        returns (the optimizer still divides by a GradScaler's scale). Default: nothing."""
         return {}
 
     def discard_reduced(self) -> None:

@@ -89,6 +89,7 @@ class BackwardOverlap:
         self._open_ids.clear()
         self._open_bytes = 0
         self._in_flight.clear()
+        self._callback_queued = False  # a backward that raised never ran its callback
 
     # -- during backward --------------------------------------------------------------------------
     def _on_statistics(self, record: LayerRecord) -> None:
@@ -149,6 +150,7 @@ class BackwardOverlap:
                     stat if previous is None else tuple(a + b for a, b in zip(previous, stat))
                 )
         self._in_flight.clear()
+        self._callback_queued = False
         if not sums:
             return {}
         return {r.name: sums[r.name] for r in self.layers if r.name in sums}  # type: ignore[misc]
