@@ -115,3 +115,30 @@ def test_zero_grad_discards_what_was_taken_and_pickling_drops_the_listener() -> 
     reducer = TakingReducer()
     assert max_diff(run(reducer), run("none")) < 1e-12
     assert reducer.taken  # something was taken (and the discarded pass's part dropped)
+
+
+def test_grad_scaler_divided_out_of_what_was_taken() -> None:
+    """A constant GradScaler scale 2¹²: the statistics taken during backward carry s², which
+    ``step()`` divides out as for the others; powers of two make the factors those of the
+    unscaled run exactly."""
+
+    def run(reducer: object, scale: float | None) -> dict[str, Tensor]:
+        model = worker.make_model("mlp")
+        opt = curvlab.AdaFisher(model, lr=1e-2, reducer=reducer)
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=scale or 1.0, growth_interval=10**6, enabled=scale is not None
+        )
+        opt.attach_grad_scaler(scaler)
+        for x, y in worker.make_batches("mlp", [8, 8]):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        return {f"{n}.{k}": v for n, s in opt.curvature_state.items() for k, v in s.items()}
+
+    reducer = TakingReducer()
+    got, want = run(reducer, 2.0**12), run("none", None)
+    assert reducer.taken and got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert "6" in reducer.taken and want["6.S"].abs().sum() > 0
