@@ -24,7 +24,6 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -492,62 +491,57 @@ def train_reuse(
     }
 
 
+#: overlap_backward runs: key → (train() arguments, the scenario and key of the same run with
+#: the statistics reduced in step(), computed by the other scenarios of this worker)
+OVERLAP_RUNS = {
+    ("ddp", "mlp"): (dict(), ("equivalence", "mlp")),
+    ("ddp", "cnn"): (dict(), ("equivalence", "cnn")),
+    ("accumulation", "mlp"): (
+        dict(sizes=[10] * STEPS, micro_batches=3),
+        ("accumulation", "mlp"),
+    ),
+    ("accumulation", "cnn"): (
+        dict(sizes=[10] * STEPS, micro_batches=3),
+        ("accumulation", "cnn"),
+    ),
+    ("unequal", "mlp"): (dict(sizes=UNEQUAL_SIZES, splits=UNEQUAL_SPLITS), ("unequal", "last")),
+    ("full", "mlp"): (
+        dict(estimator=("full", {"per_sample": False})),
+        ("estimators", ("full_global", "mlp")),
+    ),
+    ("nan", "mlp"): (dict(poison_input=(3, 1)), ("nan", "input")),
+}
+
+
 def scenario_overlap(world: int, rank: int) -> dict:
-    """Every case twice: statistics reduced in step() (today's path) and launched during the
-    backward pass (``overlap_backward=True``, tiny buckets: one launch per completed layer)."""
+    """The runs of :data:`OVERLAP_RUNS` with ``overlap_backward=True`` and tiny buckets (one
+    launch per completed layer); the reuse model with and without it."""
     tiny = 1e-9  # MiB: every layer is its own bucket
 
-    def both(run: Callable[..., dict], **kwargs: object) -> dict:
-        overlapped = _reducer(overlap_backward=True, bucket_size_mb=tiny)
-        out = {"off": run(reducer=_reducer(), **kwargs), "on": run(reducer=overlapped, **kwargs)}
-        out["launches"] = (
-            overlapped.overlap.launched_in_backward,
-            overlapped.overlap.launched_at_end,
-        )
-        return out
+    def launches(reducer: object) -> tuple[int, int]:
+        return reducer.overlap.launched_in_backward, reducer.overlap.launched_at_end
 
     out = {}
-    for name in ("mlp", "cnn"):
-        common = dict(world=world, rank=rank, ddp=True)
-        out["ddp", name] = both(partial(train, name), **common)
-        out["accumulation", name] = both(
-            partial(train, name), sizes=[10] * STEPS, micro_batches=3, **common
-        )
-    out["unequal", "mlp"] = both(
-        partial(train, "mlp"),
-        world=world,
-        rank=rank,
-        ddp=True,
-        sizes=UNEQUAL_SIZES,
-        splits=UNEQUAL_SPLITS,
-        curvature_interval=2,
-    )
-    out["full", "mlp"] = both(
-        partial(train, "mlp"),
-        world=world,
-        rank=rank,
-        ddp=True,
-        estimator=("full", {"per_sample": False}),
-    )
-    out["nan", "mlp"] = both(
-        partial(train, "mlp"), world=world, rank=rank, ddp=True, poison_input=(3, 1)
-    )
+    for (label, name), (kwargs, _) in OVERLAP_RUNS.items():
+        reducer = _reducer(overlap_backward=True, bucket_size_mb=tiny)
+        result = train(name, world=world, rank=rank, ddp=True, reducer=reducer, **kwargs)
+        out[label, name] = {"on": result, "launches": launches(reducer)}
     for split_forwards in (False, True):
-        out["reuse", split_forwards] = both(
-            train_reuse, world=world, rank=rank, split_forwards=split_forwards
-        )
+        reducer = _reducer(overlap_backward=True, bucket_size_mb=tiny)
+        common = dict(world=world, rank=rank, split_forwards=split_forwards)
+        out["reuse", split_forwards] = {
+            "off": train_reuse(reducer=_reducer(), **common),
+            "on": train_reuse(reducer=reducer, **common),
+            "launches": launches(reducer),
+        }
     # the default bucket (4 MiB): everything of these small models in one launch per backward
     default = _reducer(overlap_backward=True)
     out["default_bucket"] = train("mlp", world=world, rank=rank, ddp=True, reducer=default)
-    out["default_bucket"]["launches"] = (
-        default.overlap.launched_in_backward,
-        default.overlap.launched_at_end,
-    )
+    out["default_bucket"]["launches"] = launches(default)
     return out
 
 
 SCENARIOS = {
-    "overlap": scenario_overlap,
     "equivalence": scenario_equivalence,
     "estimators": scenario_estimators,
     "collectives": scenario_collectives,
@@ -555,6 +549,7 @@ SCENARIOS = {
     "accumulation": scenario_accumulation,
     "unequal": scenario_unequal,
     "structures": scenario_structures,
+    "overlap": scenario_overlap,
 }
 
 

@@ -229,37 +229,28 @@ def test_any_structure_mixed_dtypes_packing_async(ranks: list[dict]) -> None:
 
 
 # -- overlap_backward: the all-reduce launched during the backward pass ----------------------------
-OVERLAP_CASES = {
-    ("ddp", "mlp"): dict(),
-    ("ddp", "cnn"): dict(),
-    ("accumulation", "mlp"): dict(sizes=[10] * worker.STEPS),
-    ("accumulation", "cnn"): dict(sizes=[10] * worker.STEPS),
-    ("unequal", "mlp"): dict(sizes=worker.UNEQUAL_SIZES, curvature_interval=2),
-    ("full", "mlp"): dict(estimator=("full", {"per_sample": False})),
-    ("nan", "mlp"): None,  # the 1-process reference of a NaN in one rank's rows is not defined
-}
-
-
 @pytest.mark.slow  # two worker processes (shared by the module, ≈ 10 s)
-@pytest.mark.parametrize("case", list(OVERLAP_CASES), ids="-".join)
+@pytest.mark.parametrize("case", list(worker.OVERLAP_RUNS), ids="-".join)
 def test_overlap_equals_reduction_in_step(ranks: list[dict], case: tuple[str, str]) -> None:
     """DDP (exact loss scaling), with 3 accumulated micro-batches under no_sync, an unequal
-    last batch with non-curvature steps, full factors, a NaN on one rank: the statistics
-    launched during backward give today's numbers (1e-12) and one process's (1e-12)."""
+    last batch, full factors, a NaN on one rank: the statistics launched during backward give
+    the numbers of the same run reduced in step() (1e-12) and of one process (1e-12)."""
+    kwargs, (other, key) = worker.OVERLAP_RUNS[case]
     r0, r1 = (r[case] for r in scenario(ranks, "overlap"))
-    assert max_diff(r0["on"]["params"], r0["off"]["params"]) < 1e-12
+    off = scenario(ranks, other)[0][key]
+    assert max_diff(r0["on"]["params"], off["params"]) < 1e-12
     assert same(r0["on"]["params"], r1["on"]["params"])
-    assert r0["on"]["metrics"] == r1["on"]["metrics"] == r0["off"]["metrics"]
+    assert r0["on"]["metrics"] == r1["on"]["metrics"] == off["metrics"]
     _, model = case
     per_backward = {"mlp": 5, "cnn": 3}[model]  # captured layers
     in_backward, at_end = r0["launches"]
     # tiny buckets: every layer launched as it completes, in the backward pass (before its end)
-    backwards = {"accumulation": 3 * worker.STEPS, "unequal": worker.STEPS // 2}
-    assert (in_backward, at_end) == (per_backward * backwards.get(case[0], worker.STEPS), 0)
-    if case == ("nan", "mlp"):
+    backwards = 3 * worker.STEPS if case[0] == "accumulation" else worker.STEPS
+    assert (in_backward, at_end) == (per_backward * backwards, 0)
+    if case == ("nan", "mlp"):  # one process has no "NaN in one rank's rows"
         assert r0["on"]["metrics"]["skipped_steps"] == 1
         return
-    kwargs = dict(OVERLAP_CASES[case])
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("splits", "micro_batches")}
     reference = worker.train(model, **kwargs)
     assert max_diff(r0["on"]["params"], reference["params"]) < 1e-12
     initial = list(worker.make_model(model).parameters())
