@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Variable
 
@@ -38,6 +39,24 @@ if TYPE_CHECKING:
         PendingReduction,
         TorchDistributedReducer,
     )
+
+
+#: the statistics' own process group per job (WORLD → a group of the same ranks), created once
+_OVERLAP_GROUPS: dict[Any, Any] = {}
+
+
+def overlap_group(group: Any) -> Any:
+    """The group of ``overlap_backward``'s collectives: ``group`` itself when given, otherwise
+    one ``new_group`` of all ranks (every process creates it when it builds its first such
+    reducer, as new_group requires), shared by the reducers of this process group."""
+    if group is not None:
+        return group
+    world = dist.group.WORLD
+    own = _OVERLAP_GROUPS.get(world)
+    if own is None:
+        _OVERLAP_GROUPS.clear()  # a group of an earlier (destroyed) process group
+        own = _OVERLAP_GROUPS[world] = dist.new_group()
+    return own
 
 
 def _nbytes(record: LayerRecord) -> int:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from curvlab.interfaces.reducer import Reducer
 from curvlab.plugins.reducers import refresh_split
-from curvlab.plugins.reducers.backward_overlap import BackwardOverlap
+from curvlab.plugins.reducers.backward_overlap import BackwardOverlap, overlap_group
 from curvlab.registry import register
 
 logger = logging.getLogger(__name__)
@@ -87,23 +87,6 @@ class PendingReduction:
 
 
 LOSS_CONVENTIONS = ("global", "local_mean")
-
-#: the statistics' own process group per job (WORLD → a group of the same ranks), created once
-_OVERLAP_GROUPS: dict[Any, Any] = {}
-
-
-def _overlap_group(group: Any) -> Any:
-    """The group of ``overlap_backward``'s collectives: ``group`` itself when given, otherwise
-    one ``new_group`` of all ranks (every process creates it when it builds its first such
-    reducer, as new_group requires), shared by the reducers of this process group."""
-    if group is not None:
-        return group
-    world = dist.group.WORLD
-    own = _OVERLAP_GROUPS.get(world)
-    if own is None:
-        _OVERLAP_GROUPS.clear()  # a group of an earlier (destroyed) process group
-        own = _OVERLAP_GROUPS[world] = dist.new_group()
-    return own
 
 
 @register("reducers", "torch_distributed")
@@ -234,7 +217,7 @@ class TorchDistributedReducer(Reducer):
         self.overlap: BackwardOverlap | None = None
         if self.overlap_backward and self.world_size > 1:
             cap = OVERLAP_BUCKET_MB if bucket_size_mb is None else bucket_size_mb
-            self.overlap = BackwardOverlap(self, _overlap_group(group), cap * 2**20)
+            self.overlap = BackwardOverlap(self, overlap_group(group), cap * 2**20)
 
     def _to_global_loss(self, totals: list[Tensor]) -> list[Tensor]:
         """Under ``loss_convention="local_mean"``: output statistics ÷ W² (see the class doc);
