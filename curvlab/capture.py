@@ -155,6 +155,7 @@ class CaptureEngine:
                 )
             if key is not None:
                 self._last_input.value = (weakref.ref(x), x._version, (key, dtype), input_stat)
+        record.pending += 1
         output.register_hook(partial(self._output_hook, record, dtype, input_stat))
 
     def _output_hook(
@@ -164,7 +165,10 @@ class CaptureEngine:
             output_stat = self._estimator.output_statistic(
                 record.adapter, record.module, grad.detach(), dtype
             )
+        record.pending -= 1
         record.accumulate(input_stat, output_stat)
+        if record.on_statistics is not None:
+            record.on_statistics(record)
 
 
 class CapturingForward:

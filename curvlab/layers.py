@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,22 @@ class LayerRecord:
     input_count: int = 0
     output_total: Tensor | None = field(default=None, repr=False)
     output_count: int = 0
+    #: captured forwards whose output gradient has not arrived yet (the capture engine counts
+    #: them), so a listener can tell when this backward has no more statistics for the layer
+    pending: int = field(default=0, repr=False)
+    #: called by the capture engine after each ``accumulate`` during backward (e.g. a reducer
+    #: that launches the all-reduce of finished layers while the backward pass goes on)
+    on_statistics: Callable[[LayerRecord], None] | None = field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict) -> LayerRecord:
         return self  # see CaptureEngine.__deepcopy__: a copied model's hooks stay inert
+
+    def __getstate__(self) -> dict:
+        # a pickled hooked model pickles its records; the listener (a reducer holding a
+        # process group) is not part of the model
+        state = self.__dict__.copy()
+        state["on_statistics"] = None
+        return state
 
     def accumulate(self, input_stat: Statistic, output_stat: Statistic) -> None:
         if self.input_total is None:

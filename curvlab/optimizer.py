@@ -69,10 +69,12 @@ PAPER_ADAPTERS += ("rmsnorm", "hf_conv1d")
 EMA_SEMANTICS = ("paper", "official")
 
 
-def _detach(backend: Backend, guard: BufferGuard) -> None:
-    """Remove every hook an optimizer installed (its backend's and its buffer guard's)."""
+def _detach(backend: Backend, guard: BufferGuard, reducer: Reducer) -> None:
+    """Remove every hook an optimizer installed (its backend's, its buffer guard's and the
+    reducer's listeners)."""
     backend.detach()
     guard.detach()
+    reducer.detach()
 
 
 class CurvatureFallbackWarning(UserWarning):
@@ -242,7 +244,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._buffer_guard = BufferGuard(model)
         # a dropped optimizer's hooks go with it (neither the backend nor the guard references
         # the optimizer)
-        self._finalizer = weakref.finalize(self, _detach, self.backend, self._buffer_guard)
+        self._finalizer = weakref.finalize(
+            self, _detach, self.backend, self._buffer_guard, self.reducer
+        )
 
     # -- assembly ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -268,6 +272,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _pair_layers(self) -> None:
         self.backend.detach()
+        self.reducer.detach()
         self._terms_cache = (None, None)  # products are per layer record
         if self.estimator.structure == "elementwise":  # every parameter has its own curvature
             self.layers, self._fallback, self._shared = [], [], set()
@@ -309,6 +314,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
         self.backend.attach(self.layers, self.estimator, self._capture_gate, model=self.model)
+        self.reducer.attach(self.layers)
         if self._fallback and self._warn_on_fallback:
             listing = "\n  ".join(map(str, self._fallback))
             warnings.warn(
@@ -336,7 +342,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         self._finalizer.detach()
-        _detach(self.backend, self._buffer_guard)
+        _detach(self.backend, self._buffer_guard, self.reducer)
         for record in self.layers:
             record.clear()
         lifecycle.release(self, [r.module for r in self.layers])
@@ -459,6 +465,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         for record in self.layers:
             record.clear()
+        self.reducer.discard_reduced()
 
     # -- the step ---------------------------------------------------------------------------------
     def _fallback_value(self, damping: float) -> float:
@@ -613,21 +620,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         The flag covers the gradients and the local statistics on every rank; with statistics
         to reduce it travels in the same collective (``Reducer.reduce_with_flag``).
         """
+        # what the reducer already summed over ranks during the backward passes (a reducer
+        # that overlaps its collectives with backward; {} otherwise)
+        early = self.reducer.take_reduced()
+        if not self._capture_active:
+            early = {}
         records = [r for r in self.layers if r.has_statistics] if self._capture_active else []
         totals, counts = [], []
         for record in records:
             for stat in record.take():
                 totals.append(stat.total)
                 counts.append(stat.count)
-        scale = self._loss_scale() if records else None
+        scale = self._loss_scale() if records or early else None
         if scale is not None:  # output statistics (odd entries) carry the loss scale squared
             for i in range(1, len(totals), 2):
                 totals[i] = totals[i] / scale.to(totals[i].dtype).square()
+            early = {
+                name: (H, S / scale.to(S.dtype).square(), *counts_)
+                for name, (H, S, *counts_) in early.items()
+            }
         # the small statistics checked as one vector per dtype (one norm, not one per layer);
         # large ones (full factors) on their own, rather than copied into that vector
         packed: dict[torch.dtype, list[Tensor]] = {}
         large = []
-        for t in totals:
+        for t in totals + [t for stat in early.values() for t in stat[:2]]:
             if t.numel() > 65536:
                 large.append(t)
             else:
@@ -636,12 +652,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             grads + large + [torch.cat(v) for v in packed.values()], device
         )
         if not records:
-            return {}, self.reducer.all_finite(local_ok)
+            return early, self.reducer.all_finite(local_ok)
         totals, counts, ok = self.reducer.reduce_with_flag(totals, counts, local_ok)
         stats = {
             r.name: (totals[2 * i], totals[2 * i + 1], counts[2 * i], counts[2 * i + 1])
             for i, r in enumerate(records)
         }
+        if early:  # both: sums of sums, in layer order
+            merged = {}
+            for record in self.layers:
+                a, b = stats.get(record.name), early.get(record.name)
+                if a is not None and b is not None:
+                    merged[record.name] = tuple(x + y for x, y in zip(a, b))
+                elif a is not None or b is not None:
+                    merged[record.name] = a if a is not None else b
+            stats = merged
         return stats, ok
 
     @staticmethod

@@ -159,7 +159,7 @@ CASES = {
 
 
 def make_optimizer(
-    case: str, model: nn.Module, world: int, split: bool = False
+    case: str, model: nn.Module, world: int, split: bool = False, overlap: bool = False
 ) -> curvlab.CurvatureOptimizer:
     cls, _, kwargs = CASES[case]
     kwargs = dict(kwargs)
@@ -181,7 +181,13 @@ def make_optimizer(
     reducer: object = "none"
     if world > 1:
         reducer = curvlab.registry.create(
-            "reducers", "torch_distributed", loss_convention=convention, split_inverses=split
+            "reducers",
+            "torch_distributed",
+            loss_convention=convention,
+            split_inverses=split,
+            overlap_backward=overlap,
+            # overlap: one bucket per layer, launched as soon as the layer completes
+            bucket_size_mb=1e-9 if overlap else None,
         )
     return getattr(curvlab, cls)(model, lr=LR, reducer=reducer, **kwargs)
 
@@ -209,6 +215,8 @@ def train(
     save: tuple[int, str] | None = None,
     resume: str | None = None,
     split: bool = False,
+    overlap: bool = False,
+    micro_batches: int = 1,
 ) -> dict:
     """``steps`` optimizer steps; the final parameters (whole), metrics and local shapes.
 
@@ -217,7 +225,10 @@ def train(
     ``poison = (step, rank)``: a NaN in that rank's input at that step. ``save = (k, path)``:
     a DCP checkpoint after ``k`` steps (the run goes on); ``resume``: start from a checkpoint
     (at the step it was saved). ``split``: the reducer's KAISA split of the banded/full
-    refresh; the layers this rank refreshed are returned as ``refreshed``.
+    refresh; the layers this rank refreshed are returned as ``refreshed``. ``overlap``: the
+    reducer's ``overlap_backward`` (launches during backward counted in ``launches``).
+    ``micro_batches``: the rank's rows in that many accumulated backward passes (each loss
+    scaled by its share of the rows, so the sum is the rank's mean loss).
     """
     _, model_name, _ = CASES[case]
     model = make_model(model_name).to(dtype)
@@ -228,7 +239,7 @@ def train(
 
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype)
         shard(model, model_name, **kwargs)
-    opt = make_optimizer(case, model, world, split)
+    opt = make_optimizer(case, model, world, split, overlap)
     refreshed: list[list[str]] = []
     solver_refresh = opt.kronecker_solver.refresh
 
@@ -254,7 +265,9 @@ def train(
             x = x.clone()
             x[0, 0] = float("nan")
         opt.zero_grad()
-        F.cross_entropy(model(x.to(dtype)).to(torch.float64), y).backward()
+        for xm, ym in zip(x.tensor_split(micro_batches), y.tensor_split(micro_batches)):
+            loss = F.cross_entropy(model(xm.to(dtype)).to(torch.float64), ym)
+            (loss * (xm.shape[0] / x.shape[0])).backward()
         opt.step()
         workspace.append(len(opt._workspace._buffers))
     return {
@@ -275,6 +288,9 @@ def train(
             }
         ),
         "state_types": sorted({type(v).__name__ for s in opt.state.values() for v in s.values()}),
+        "launches": None
+        if getattr(opt.reducer, "overlap", None) is None
+        else (opt.reducer.overlap.launched_in_backward, opt.reducer.overlap.launched_at_end),
     }
 
 
@@ -374,6 +390,29 @@ def scenario_plain_state(world: int, rank: int) -> dict:
     return {"params": [full(p) for p in model.parameters()], "state_types": state_types}
 
 
+#: overlap_backward under FSDP2: case → micro-batches (accumulated backward passes; K-FAC's
+#: per-sample statistics scale g by each call's batch size, so it is not accumulated)
+OVERLAP_CASES = {"paper_mlp": 2, "banded": 2, "official": 2, "kfac": 1}
+
+
+def scenario_overlap(world: int, rank: int) -> dict:
+    return {
+        case: train(case, world=world, rank=rank, overlap=True, micro_batches=micro)
+        for case, micro in OVERLAP_CASES.items()
+    }
+
+
+#: on 4 ranks (tests/test_fsdp.py, a run of its own): AdaFisher and K-FAC, the first with the
+#: statistics reduced during backward
+FOUR_RANK_CASES = ("paper_mlp", "kfac")
+
+
+def scenario_four_ranks(world: int, rank: int) -> dict:
+    out = {case: train(case, world=world, rank=rank) for case in FOUR_RANK_CASES}
+    out["paper_mlp_overlap"] = train("paper_mlp", world=world, rank=rank, overlap=True)
+    return out
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
     "mixed_precision": scenario_mixed_precision,
@@ -382,10 +421,13 @@ SCENARIOS = {
     "checkpoint": scenario_checkpoint,
     "split": scenario_split,
     "plain_state": scenario_plain_state,
+    "overlap": scenario_overlap,
 }
+#: run only when named on the command line
+EXTRA_SCENARIOS = {"four_ranks": scenario_four_ranks}
 
 
-def main(out: str, checkpoint_in: str) -> None:
+def main(out: str, checkpoint_in: str, names: str = "") -> None:
     global CHECKPOINT_IN, CHECKPOINT_OUT
     CHECKPOINT_IN, CHECKPOINT_OUT = checkpoint_in, os.path.join(out, "checkpoint")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -393,7 +435,9 @@ def main(out: str, checkpoint_in: str) -> None:
     torch.set_num_threads(1)
     results = {}
     try:
-        for name, fn in SCENARIOS.items():
+        chosen = names.split(",") if names else list(SCENARIOS)
+        for name in chosen:
+            fn = {**SCENARIOS, **EXTRA_SCENARIOS}[name]
             try:
                 results[name] = fn(world, rank)
             except Exception:  # recorded; the test reports it
@@ -405,4 +449,4 @@ def main(out: str, checkpoint_in: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

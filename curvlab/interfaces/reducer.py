@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from curvlab.layers import LayerRecord
 
 
 class Reducer(ABC):
@@ -36,6 +41,28 @@ class Reducer(ABC):
         one collective."""
         totals, counts = self.reduce(totals, counts)
         return totals, counts, self.all_finite(flag)
+
+    # -- statistics reduced during the backward pass (optional) ----------------------------------
+    def attach(self, layers: Sequence[LayerRecord]) -> None:
+        """The optimizer's layers, after every (re-)pairing. A reducer that sums statistics
+        while the backward pass runs listens to them here (``LayerRecord.on_statistics``) and
+        takes their statistics as they complete; the default reduces everything in ``step()``."""
+        return None
+
+    def detach(self) -> None:
+        """Stop listening to the layers of :meth:`attach` (``close()``; idempotent)."""
+        return None
+
+    def take_reduced(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per layer name, ``(H_total, S_total, H_count, S_count)`` summed over ranks and over
+        the backward passes since the last call, for the statistics this reducer took from the
+        layers during backward (waits for their collectives), in the units :meth:`reduce`
+        returns (the optimizer still divides by a GradScaler's scale). Default: nothing."""
+        return {}
+
+    def discard_reduced(self) -> None:
+        """Drop what was taken during backward (``zero_grad``: those gradients are discarded)."""
+        return None
 
     def split_refresh(self, costs: list[float]) -> list[int] | None:
         """KAISA-style split of the banded/full refresh (eigendecompositions, inverses): the

@@ -28,11 +28,14 @@ from torch import Tensor
 
 from curvlab.interfaces.reducer import Reducer
 from curvlab.plugins.reducers import refresh_split
+from curvlab.plugins.reducers.backward_overlap import BackwardOverlap, overlap_group
 from curvlab.registry import register
 
 logger = logging.getLogger(__name__)
 
 FINITE_FLAG_MODES = ("all_reduce", "local")
+#: bucket cap of ``overlap_backward`` when ``bucket_size_mb`` is None
+OVERLAP_BUCKET_MB = 4.0
 
 
 @dataclass
@@ -143,6 +146,15 @@ class TorchDistributedReducer(Reducer):
             inverses): each layer is refreshed on one rank (largest first to the least-loaded)
             and the results are broadcast (:mod:`curvlab.plugins.reducers.refresh_split`).
             Same results as every rank refreshing every layer; ``False`` (default) keeps that.
+        overlap_backward: launch the statistics all-reduce during the backward pass, a bucket
+            as soon as its layers' statistics of this backward are complete (buckets of
+            ``bucket_size_mb``, default 4 MiB here), on a process group of its own; ``step()``
+            waits and adds the sums of the backward passes since the last step
+            (:mod:`curvlab.plugins.reducers.backward_overlap`; the same numbers up to the order
+            of additions). The finite flag is then its own small collective per step (unless
+            ``finite_flag="local"``). Needs the same layers captured in the same order on every
+            rank, as DDP does. With a ``group`` given, that group carries the collectives;
+            without, every process of the job must build the reducer (a ``new_group`` call).
 
     Raises:
         RuntimeError: if ``torch.distributed`` is unavailable or not initialised.
@@ -159,6 +171,7 @@ class TorchDistributedReducer(Reducer):
         loss_convention: str = "global",
         timeout_s: float | None = None,
         split_inverses: bool = False,
+        overlap_backward: bool = False,
     ) -> None:
         if not dist.is_available():
             raise RuntimeError(
@@ -199,6 +212,12 @@ class TorchDistributedReducer(Reducer):
         self._steps = 0  # all_finite calls, i.e. optimizer steps
         self._pending_logs: list[tuple[int, Tensor, Any, bool]] = []
         self._triu_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self.overlap_backward = bool(overlap_backward)
+        #: the overlap engine (None: everything is reduced in step(); always with one rank)
+        self.overlap: BackwardOverlap | None = None
+        if self.overlap_backward and self.world_size > 1:
+            cap = OVERLAP_BUCKET_MB if bucket_size_mb is None else bucket_size_mb
+            self.overlap = BackwardOverlap(self, overlap_group(group), cap * 2**20)
 
     def _to_global_loss(self, totals: list[Tensor]) -> list[Tensor]:
         """Under ``loss_convention="local_mean"``: output statistics ÷ W² (see the class doc);
@@ -227,11 +246,35 @@ class TorchDistributedReducer(Reducer):
     ) -> list[Tensor]:
         return refresh_split.share(tensors, owners, self.group, device)
 
-    def _all_reduce(self, tensor: Tensor, async_op: bool = False):  # noqa: ANN202
+    # -- statistics reduced during backward (overlap_backward) ------------------------------------
+    def attach(self, layers: Sequence[Any]) -> None:
+        if self.overlap is not None:
+            self.overlap.attach(layers)
+
+    def detach(self) -> None:
+        if self.overlap is not None:
+            self.overlap.detach()
+
+    def take_reduced(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        return {} if self.overlap is None else self.overlap.take()
+
+    def discard_reduced(self) -> None:
+        if self.overlap is not None:
+            self.overlap.discard()
+
+    def launch_for_overlap(
+        self, totals: list[Tensor], counts: Sequence[int | Tensor], group: Any
+    ) -> PendingReduction:
+        """:meth:`launch` of one overlap bucket on ``group``: one collective per
+        (device, dtype), loss convention applied as in :meth:`reduce`."""
+        return self.launch(self._to_global_loss(totals), counts, group=group, split=False)
+
+    def _all_reduce(self, tensor: Tensor, async_op: bool = False, group: Any = None):  # noqa: ANN202
         self.collectives += 1
         self.bytes_reduced += tensor.numel() * tensor.element_size()
+        group = self.group if group is None else group
         # looked up at call time on the module, so tests can count the calls
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
         if async_op:
             return work
         self._wait(work, tensor.device)
@@ -283,19 +326,22 @@ class TorchDistributedReducer(Reducer):
         totals: list[Tensor],
         counts: Sequence[int | Tensor],
         flag: Tensor | None = None,
+        group: Any = None,
+        split: bool = True,
     ) -> PendingReduction:
         """Pack and start the all-reduce of every bucket without waiting (``async_op=True``).
 
         The caller may do other work and then call ``wait()`` on the result; :meth:`reduce` is
         ``launch(...).wait()``. With a ``flag``, the rank's non-finite indicator rides in the
-        first bucket.
+        first bucket. ``group``: another process group than the reducer's; ``split=False``:
+        one bucket per (device, dtype) whatever ``bucket_size_mb``.
         """
         if len(totals) != len(counts):
             raise ValueError(f"{len(totals)} totals but {len(counts)} counts")
         if self.validate:
-            self._check_layout(totals)
+            self._check_layout(totals, group)
         shapes = [t.shape for t in totals]
-        buckets = self._plan(totals)
+        buckets = self._plan(totals, split)
         buffers, works = [], []
         flag_slot = None
         for b, bucket in enumerate(buckets):
@@ -306,13 +352,13 @@ class TorchDistributedReducer(Reducer):
             if extra is not None:
                 flag_slot = (0, buffer.numel() - 1)
             buffers.append(buffer)
-            works.append(self._all_reduce(buffer, async_op=True))
+            works.append(self._all_reduce(buffer, async_op=True, group=group))
         self.last_bucket_bytes = [b.numel() * b.element_size() for b in buffers]
         return PendingReduction(self, shapes, buckets, buffers, works, flag_slot)
 
-    def _plan(self, totals: list[Tensor]) -> list[_Bucket]:
+    def _plan(self, totals: list[Tensor], split: bool = True) -> list[_Bucket]:
         """Group tensors by (device, dtype) in order; split a group at ``bucket_size_mb``."""
-        cap = None if self.bucket_size_mb is None else self.bucket_size_mb * 2**20
+        cap = None if self.bucket_size_mb is None or not split else self.bucket_size_mb * 2**20
         open_buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
         buckets: list[_Bucket] = []
         for i, t in enumerate(totals):
@@ -410,7 +456,7 @@ class TorchDistributedReducer(Reducer):
         for j, i in enumerate(bucket.indices):
             counts[i] = buffer[offset + j]
 
-    def _check_layout(self, totals: list[Tensor]) -> None:
+    def _check_layout(self, totals: list[Tensor], group: Any = None) -> None:
         """All ranks must pack the same tensors: compare (count, Σ numel, a shape fingerprint)."""
         fingerprint = 0
         for t in totals:
@@ -420,7 +466,8 @@ class TorchDistributedReducer(Reducer):
         device = totals[0].device
         probe = torch.tensor(mine + [-v for v in mine], dtype=torch.int64, device=device)
         self.collectives += 1
-        work = dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        group = self.group if group is None else group
+        work = dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group, async_op=True)
         self._wait(work, device)
         high, neg_low = probe[:3].tolist(), probe[3:].tolist()
         if high != mine or [-v for v in neg_low] != mine:
@@ -486,5 +533,6 @@ class TorchDistributedReducer(Reducer):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(bucket_size_mb={self.bucket_size_mb}, "
-            f"finite_flag={self.finite_flag!r}, pack_symmetric={self.pack_symmetric})"
+            f"finite_flag={self.finite_flag!r}, pack_symmetric={self.pack_symmetric}, "
+            f"overlap_backward={self.overlap_backward})"
         )

@@ -422,6 +422,125 @@ def scenario_estimators(world: int, rank: int) -> dict:
     return out
 
 
+# -- overlap_backward: statistics all-reduced during the backward pass -----------------------------
+class Reuse(nn.Module):
+    """A layer used twice in one forward, a third use whose output gets no gradient, an
+    auxiliary head that only some steps' losses reach, and forwards under no_grad and in
+    eval mode between the forward and its backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.aux = nn.Linear(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, use_aux: bool) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        self.shared(h)  # captured, but the loss does not reach it
+        h = torch.tanh(self.shared(h))
+        out = self.head(h)
+        aux = self.aux(h)  # captured on every step, backpropagated on even steps only
+        return out + aux.sum(dim=1, keepdim=True) if use_aux else out
+
+
+def train_reuse(
+    *, world: int = 1, rank: int = 0, reducer: object = "none", split_forwards: bool = False
+) -> dict:
+    """AdaFisher on :class:`Reuse`, curvature every 2nd step, gradients summed across ranks by
+    hand (global loss), 2 micro-batches per step. ``split_forwards``: both micro-batches'
+    forwards first, then both backwards (pending outputs of two graphs at once)."""
+    torch.manual_seed(1234)
+    model = Reuse().double()
+    opt = curvlab.AdaFisher(model, lr=LR, curvature_interval=2, reducer=reducer)
+    sizes = [8] * 7 + [5]
+    splits = [[4, 4]] * 7 + [[4, 1]]
+    for step, (x, y) in enumerate(make_batches("mlp", sizes)):
+        n = x.shape[0]
+        if world > 1:
+            rows = rank_rows(n, world, rank, splits[step])
+            x, y = x[rows], y[rows]
+        opt.zero_grad()
+        losses = []
+        for xm, ym in zip(x.tensor_split(2), y.tensor_split(2), strict=True):
+            with torch.no_grad():
+                model(xm, True)
+            model.eval()
+            model(xm, True)  # eval mode: not captured
+            model.train()
+            loss = F.cross_entropy(model(xm, step % 4 == 0), ym, reduction="sum") / n
+            if split_forwards:
+                losses.append(loss)
+            else:
+                loss.backward()
+        for loss in losses:
+            loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is not None:  # the same on every rank (aux: even steps only)
+                    dist.all_reduce(p.grad)
+        opt.step()
+    overlap = getattr(opt.reducer, "overlap", None)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "metrics": opt.metrics(),
+        "launches": None
+        if overlap is None
+        else (overlap.launched_in_backward, overlap.launched_at_end),
+    }
+
+
+#: overlap_backward runs: key → (train() arguments, the scenario and key of the same run with
+#: the statistics reduced in step(), computed by the other scenarios of this worker)
+OVERLAP_RUNS = {
+    ("ddp", "mlp"): (dict(), ("equivalence", "mlp")),
+    ("ddp", "cnn"): (dict(), ("equivalence", "cnn")),
+    ("accumulation", "mlp"): (
+        dict(sizes=[10] * STEPS, micro_batches=3),
+        ("accumulation", "mlp"),
+    ),
+    ("accumulation", "cnn"): (
+        dict(sizes=[10] * STEPS, micro_batches=3),
+        ("accumulation", "cnn"),
+    ),
+    ("unequal", "mlp"): (dict(sizes=UNEQUAL_SIZES, splits=UNEQUAL_SPLITS), ("unequal", "last")),
+    ("full", "mlp"): (
+        dict(estimator=("full", {"per_sample": False})),
+        ("estimators", ("full_global", "mlp")),
+    ),
+    ("nan", "mlp"): (dict(poison_input=(3, 1)), ("nan", "input")),
+}
+
+
+def scenario_overlap(world: int, rank: int) -> dict:
+    """The runs of :data:`OVERLAP_RUNS` with ``overlap_backward=True`` and tiny buckets (one
+    launch per completed layer); the reuse model with and without it."""
+    tiny = 1e-9  # MiB: every layer is its own bucket
+
+    def launches(reducer: object) -> tuple[int, int]:
+        return reducer.overlap.launched_in_backward, reducer.overlap.launched_at_end
+
+    out = {}
+    for (label, name), (kwargs, _) in OVERLAP_RUNS.items():
+        reducer = _reducer(overlap_backward=True, bucket_size_mb=tiny)
+        result = train(name, world=world, rank=rank, ddp=True, reducer=reducer, **kwargs)
+        out[label, name] = {"on": result, "launches": launches(reducer)}
+    for split_forwards in (False, True):
+        reducer = _reducer(overlap_backward=True, bucket_size_mb=tiny)
+        common = dict(world=world, rank=rank, split_forwards=split_forwards)
+        out["reuse", split_forwards] = {
+            "off": train_reuse(reducer=_reducer(), **common),
+            "on": train_reuse(reducer=reducer, **common),
+            "launches": launches(reducer),
+        }
+    # the default bucket (4 MiB): everything of these small models in one launch per backward
+    default = _reducer(overlap_backward=True)
+    out["default_bucket"] = train("mlp", world=world, rank=rank, ddp=True, reducer=default)
+    out["default_bucket"]["launches"] = launches(default)
+    return out
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
     "estimators": scenario_estimators,
@@ -430,6 +549,7 @@ SCENARIOS = {
     "accumulation": scenario_accumulation,
     "unequal": scenario_unequal,
     "structures": scenario_structures,
+    "overlap": scenario_overlap,
 }
 
 

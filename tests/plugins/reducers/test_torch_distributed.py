@@ -228,6 +228,63 @@ def test_any_structure_mixed_dtypes_packing_async(ranks: list[dict]) -> None:
         assert "every rank must capture the same layers" in res["validate_error"]
 
 
+# -- overlap_backward: the all-reduce launched during the backward pass ----------------------------
+@pytest.mark.slow  # two worker processes (shared by the module, ≈ 10 s)
+@pytest.mark.parametrize("case", list(worker.OVERLAP_RUNS), ids="-".join)
+def test_overlap_equals_reduction_in_step(ranks: list[dict], case: tuple[str, str]) -> None:
+    """DDP (exact loss scaling), with 3 accumulated micro-batches under no_sync, an unequal
+    last batch, full factors, a NaN on one rank: the statistics launched during backward give
+    the numbers of the same run reduced in step() (1e-12) and of one process (1e-12)."""
+    kwargs, (other, key) = worker.OVERLAP_RUNS[case]
+    r0, r1 = (r[case] for r in scenario(ranks, "overlap"))
+    off = scenario(ranks, other)[0][key]
+    assert max_diff(r0["on"]["params"], off["params"]) < 1e-12
+    assert same(r0["on"]["params"], r1["on"]["params"])
+    assert r0["on"]["metrics"] == r1["on"]["metrics"] == off["metrics"]
+    _, model = case
+    per_backward = {"mlp": 5, "cnn": 3}[model]  # captured layers
+    in_backward, at_end = r0["launches"]
+    # tiny buckets: every layer launched as it completes, in the backward pass (before its end)
+    backwards = 3 * worker.STEPS if case[0] == "accumulation" else worker.STEPS
+    assert (in_backward, at_end) == (per_backward * backwards, 0)
+    if case == ("nan", "mlp"):  # one process has no "NaN in one rank's rows"
+        assert r0["on"]["metrics"]["skipped_steps"] == 1
+        return
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("splits", "micro_batches")}
+    reference = worker.train(model, **kwargs)
+    assert max_diff(r0["on"]["params"], reference["params"]) < 1e-12
+    initial = list(worker.make_model(model).parameters())
+    assert max_diff(reference["params"], initial) > 1e-3  # the run moved the parameters
+
+
+@pytest.mark.slow  # two worker processes (shared by the module, ≈ 10 s)
+@pytest.mark.parametrize("split_forwards", [False, True])
+def test_overlap_reused_layer_unreached_outputs_no_grad_forwards(
+    ranks: list[dict], split_forwards: bool
+) -> None:
+    """A layer used three times per forward (one output without gradient), a head that only
+    some losses reach, no_grad and eval forwards, curvature every 2nd step, an unequal last
+    batch, 2 micro-batches (their forwards interleaved with or ahead of their backwards)."""
+    r0, r1 = (r["reuse", split_forwards] for r in scenario(ranks, "overlap"))
+    assert max_diff(r0["on"]["params"], r0["off"]["params"]) < 1e-12
+    assert same(r0["on"]["params"], r1["on"]["params"])
+    reference = worker.train_reuse(split_forwards=split_forwards)
+    assert max_diff(r0["on"]["params"], reference["params"]) < 1e-12
+    assert reference["metrics"] == r0["on"]["metrics"] == {"steps": 8, "skipped_steps": 0}
+    # 8 backward passes with statistics: the reused layer (and, with both forwards first, the
+    # first backward's layers) waits for the end of each backward; the others go at once
+    in_backward, at_end = r0["launches"]
+    assert (in_backward, at_end) == ((18, 4) if split_forwards else (20, 8))
+
+
+@pytest.mark.slow  # two worker processes (shared by the module, ≈ 10 s)
+def test_overlap_default_bucket_launches_once_per_backward(ranks: list[dict]) -> None:
+    r0, r1 = (r["default_bucket"] for r in scenario(ranks, "overlap"))
+    assert r0["launches"] == (0, worker.STEPS)  # the whole MLP fits the 4 MiB bucket
+    assert max_diff(r0["params"], worker.train("mlp")["params"]) < 1e-12
+    assert same(r0["params"], r1["params"])
+
+
 # -- in-process checks (no worker) -----------------------------------------------------------------
 def test_clear_error_without_process_group() -> None:
     assert not dist.is_initialized()
@@ -280,3 +337,14 @@ def test_arguments_validated_and_gin_bindable(single_rank_group) -> None:  # noq
     with getattr(registry, "gin_bindings", contextlib.nullcontext)():
         reducer = registry.create("reducers", "torch_distributed")
     assert (reducer.bucket_size_mb, reducer.finite_flag) == (4, "local")
+    gin.parse_config("reducers.torch_distributed.overlap_backward = True\n")
+    with getattr(registry, "gin_bindings", contextlib.nullcontext)():
+        reducer = registry.create("reducers", "torch_distributed")
+    assert reducer.overlap_backward and reducer.overlap is None  # one rank: nothing to overlap
+
+
+def test_overlap_on_one_rank_trains_like_none(single_rank_group) -> None:  # noqa: ANN001
+    reducer = TorchDistributedReducer(overlap_backward=True)
+    got = worker.train("mlp", reducer=reducer, micro_batches=2)["params"]
+    assert same(got, worker.train("mlp", reducer="none", micro_batches=2)["params"])
+    assert reducer.collectives == 0
