@@ -111,29 +111,68 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def sandwich(left: Tensor, matrices: list[Tensor], right: Tensor) -> list[Tensor]:
-    """``left[k] @ matrices[k] @ right[k]`` for each k (``left``: (k, …, r, r) stacked and
-    zero-padded, ``right``: (k, …, c, c); a matrix may be smaller than (r, c): it is padded with
-    zeros and its product cut back to its own shape).
+def as_matrix(matrix: Tensor | list[Tensor]) -> Tensor:
+    """A matrix given as blocks of columns (``LayerAdapter.matrix_columns``), joined."""
+    if isinstance(matrix, Tensor):
+        return matrix
+    return matrix[0] if len(matrix) == 1 else torch.cat(matrix, dim=-1)
+
+
+def sandwich(
+    left: Tensor, matrices: list[Tensor | list[Tensor]], right: Tensor
+) -> list[Tensor | list[Tensor]]:
+    """``left[k] @ V_k @ right[k]`` for each k (``left``: (k, …, r, r) stacked and zero-padded,
+    ``right``: (k, …, c, c); ``V_k`` may be smaller than (r, c): the product is that of the
+    factors' top-left blocks, at V_k's shape). ``V_k`` is a matrix, or a list of blocks of its
+    columns (``LayerAdapter.matrix_columns``), and its product comes back the same way: a
+    matrix, or the product's blocks of the same widths.
 
     Large products on CPU (:data:`CPU_SLICE_MACS`, where :func:`matmul` goes slice by slice
-    anyway) read each matrix where it lies, padded only when its shape is not (r, c): stacking
-    them first would copy every gradient once more per step (ResNet-18: 11 M entries). Small
-    ones are stacked and multiplied batched."""
+    anyway) read each matrix's blocks where they lie: ``Y = Σ_j B_j right[rows of B_j, :]``
+    (a bias column is a rank-1 update), then ``left[:m, :m] Y`` per block of columns, so a
+    weight's product is a contiguous tensor of its own width. Nothing is stacked or padded: no
+    gradient is copied (stacking copied ResNet-18's 11 M entries per step; joining and padding
+    a Linear's weight and bias copied it twice, and the strided result was copied again to be
+    flattened). ``Y`` keeps the padded width ``c`` (BLAS is slow on an odd output width such as
+    a Linear's ``in + 1``). Small products are stacked, padded and batched."""
     rows, cols = left.shape[-1], right.shape[-1]
-    m, n = matrices[0].shape[-2:]
+    blocks = [[m] if isinstance(m, Tensor) else m for m in matrices]
+    widths = [block.shape[-1] for block in blocks[0]]
+    m, n = blocks[0][0].shape[-2], sum(widths)
     per_slice = left.device.type == "cpu" and rows * cols * max(rows, cols) >= CPU_SLICE_MACS
     if not per_slice:
-        stacked = pad_matrices(matrices, rows, cols)
-        solved = matmul(matmul(left, stacked), right)[..., :m, :n]
-        return list(solved.unbind())
-    out = []
-    for k, matrix in enumerate(matrices):
-        if matrix.shape[-2:] != (rows, cols):
-            matrix = pad_matrices([matrix], rows, cols)[0]
-        solved = (left[k] @ matrix) @ right[k]
-        out.append(solved if solved.shape[-2:] == (m, n) else solved[..., :m, :n])
+        stacked = pad_matrices([as_matrix(b) for b in blocks], rows, cols)
+        joined = list(matmul(matmul(left, stacked), right)[..., :m, :n].unbind())
+    out: list[Tensor | list[Tensor]] = []
+    for k, pieces in enumerate(blocks):
+        if not per_slice:
+            solved = joined[k]
+            out.append(solved if isinstance(matrices[k], Tensor) else _split(solved, widths))
+            continue
+        right_k, left_k = right[k], left[k]
+        if m != rows:
+            left_k = left_k[..., :m, :m]
+        y, start = None, 0
+        for piece in pieces:
+            band = right_k[..., start : start + piece.shape[-1], :]
+            if y is None:
+                y = piece @ band
+            elif y.dim() == 3:
+                y.baddbmm_(piece, band)
+            else:
+                y.add_(piece @ band)
+            start += piece.shape[-1]
+        if isinstance(matrices[k], Tensor):
+            solved = left_k @ y
+            out.append(solved if cols == n else solved[..., :n])
+        else:
+            out.append([left_k @ columns for columns in _split(y, widths)])
     return out
+
+
+def _split(matrix: Tensor, widths: list[int]) -> list[Tensor]:
+    """Column blocks of the given widths (views)."""
+    return list(matrix[..., : sum(widths)].split(widths, dim=-1))
 
 
 @dataclass
@@ -174,6 +213,9 @@ class KroneckerOperator(ABC):
 
     #: dtype the solve computes in (the factors')
     dtype: torch.dtype
+    #: whether :meth:`solve` / :meth:`solve_batch` take a matrix as a list of blocks of its
+    #: columns (``LayerAdapter.matrix_columns``); otherwise they get the joined matrix
+    accepts_columns: bool = False
 
     @abstractmethod
     def solve(self, matrix: Tensor, power: float) -> Tensor:

@@ -37,6 +37,7 @@ from curvlab.kronecker import (
     KroneckerSolver,
     Packs,
     RefreshItem,
+    as_matrix,
     batches,
     normalized_matrix,
     sandwich,
@@ -98,10 +99,12 @@ class InverseOperator(KroneckerOperator):
             self._powers[key] = cached
         return cached[1], cached[2]
 
-    def solve(self, matrix: Tensor, power: float) -> Tensor:
+    accepts_columns = True
+
+    def solve(self, matrix: Tensor | list[Tensor], power: float) -> Tensor:
         if power != 1.0:
             H_inv, S_inv = self._inverses(power)
-            return S_inv @ matrix @ H_inv
+            return S_inv @ as_matrix(matrix) @ H_inv
         return self.solve_batch([self], [matrix], power)[0]
 
     def factor_diagonals(self) -> tuple[Tensor, Tensor]:
@@ -117,7 +120,7 @@ class InverseOperator(KroneckerOperator):
 
     @classmethod
     def solve_batch(
-        cls, operators: list[KroneckerOperator], matrices: list[Tensor], power: float
+        cls, operators: list[KroneckerOperator], matrices: list, power: float
     ) -> list[Tensor]:
         ops: list[InverseOperator] = operators  # type: ignore[assignment]
         stacked, size = ops[0].packs.stacked(ops[0].pack_id)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from curvlab.interfaces.update import Preconditioner
-from curvlab.kronecker import KroneckerOperator, solve_all, split_pi
+from curvlab.kronecker import KroneckerOperator, as_matrix, solve_all, split_pi
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
 from curvlab.sharding import RowShard, gather_rows, is_sharded, local, shard_rows_of_term
@@ -484,17 +484,21 @@ class CurvaturePreconditioner(Preconditioner):
                 continue
             regions = record.regions
             inputs = {r: source(i, record.params[r]) for r, i in roles.items()}
-            matrix = record.adapter.to_matrix(
+            columns = record.adapter.matrix_columns(
                 record.module, {r: rows_of(v, regions.get(r)) for r, v in inputs.items()}
             )
+            columns = [c.to(operator.dtype) for c in columns]
             jobs.append((record, roles))
             operators.append(operator)
-            matrices.append(matrix.to(operator.dtype))
+            matrices.append(columns if operator.accepts_columns else as_matrix(columns))
         # layers whose operators share a batch (equal shapes) are solved as one
         solved_whole: list[Tensor | None] = [None] * len(out)  # sharded: the whole solution
         for (record, roles), solved in zip(jobs, solve_all(operators, matrices, power)):
             regions = record.regions
-            pieces = record.adapter.from_matrix(record.module, solved)
+            if isinstance(solved, list):  # blocks of columns, as matrix_columns gave them
+                pieces = record.adapter.from_columns(record.module, solved)
+            else:
+                pieces = record.adapter.from_matrix(record.module, solved)
             for role, i in roles.items():
                 target = solved_whole if i in whole else out
                 piece = pieces[role].to(tensors[i].dtype)

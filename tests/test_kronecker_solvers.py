@@ -500,14 +500,17 @@ def test_cpu_flag_path_equals_device_path(name, monkeypatch):
             torch.testing.assert_close(state_dev[i][key], value, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("rows_shape", [(1, 300, 700), (2, 50, 520), (1, 40, 100)])
+@pytest.mark.parametrize(
+    "rows_shape", [(1, 300, 700), (2, 150, 520), (2, 50, 520), (1, 40, 100)]
+)
 def test_gram_equals_the_full_product_and_is_symmetric(rows_shape):
     from curvlab.plugins.estimators.full import gram
 
     rows = torch.randn(*rows_shape, dtype=torch.float64)
     A = gram(rows, block=128)
     torch.testing.assert_close(A, rows.transpose(1, 2) @ rows, rtol=1e-13, atol=1e-12)
-    if rows_shape[-1] >= 2 * 128:  # the block triangle, mirrored (below: one product)
+    R, d = rows_shape[-2:]
+    if d >= 2 * 128 and R >= 128:  # the block triangle, mirrored (otherwise: one product)
         assert torch.equal(A, A.transpose(1, 2))
 
 
@@ -550,3 +553,61 @@ def test_sandwich_equals_the_padded_products(monkeypatch, per_slice):
             expected = left[k, :, :m, :m] @ matrices[k] @ right[k, :, :n, :n]
             assert out[k].shape == (2, m, n)
             torch.testing.assert_close(out[k], expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_sandwich_of_column_blocks_equals_that_of_the_joined_matrix(monkeypatch, per_slice):
+    """A matrix given as blocks of its columns (weight columns, then a bias column: what
+    ``LayerAdapter.matrix_columns`` returns) gives the product of the joined matrix."""
+    import curvlab.kronecker as kronecker
+
+    monkeypatch.setattr(kronecker, "CPU_SLICE_MACS", 1 if per_slice else 1 << 62)
+    g = torch.Generator().manual_seed(2)
+    m, n, r, c = 5, 7, 8, 16
+    left = torch.zeros(2, 3, r, r, dtype=torch.float64)
+    right = torch.zeros(2, 3, c, c, dtype=torch.float64)
+    left[..., :m, :m] = torch.randn(2, 3, m, m, generator=g, dtype=torch.float64)
+    right[..., :n, :n] = torch.randn(2, 3, n, n, generator=g, dtype=torch.float64)
+    weights = torch.randn(2, 3, m, n - 1, generator=g, dtype=torch.float64)
+    biases = torch.randn(2, 3 * m, generator=g, dtype=torch.float64)
+    blocks = [[weights[k], biases[k].reshape(3, m, 1)] for k in range(2)]
+    out = kronecker.sandwich(left, blocks, right)
+    for k in range(2):
+        joined = torch.cat(blocks[k], dim=-1)
+        expected = left[k, :, :m, :m] @ joined @ right[k, :, :n, :n]
+        # blocks in, blocks of the same widths out
+        assert [b.shape for b in out[k]] == [(3, m, n - 1), (3, m, 1)]
+        torch.testing.assert_close(torch.cat(out[k], -1), expected, rtol=1e-13, atol=1e-13)
+        if per_slice:  # a weight's product is a tensor of its own (contiguous, no padding)
+            assert out[k][0].is_contiguous()
+
+
+def test_matrix_columns_join_to_the_matrix():
+    """The base adapter's column blocks (weight, bias) join to ``to_matrix``; with groups, a
+    missing bias role and for an adapter that overrides ``to_matrix`` (one block)."""
+    from curvlab.registry import create
+
+    conv = nn.Conv2d(4, 6, 3, groups=2).double()
+    linear = nn.Linear(5, 3).double()
+    adapter = create("adapters", "conv")
+    tensors = {"weight": torch.randn_like(conv.weight), "bias": torch.randn_like(conv.bias)}
+    for given in (tensors, {"weight": tensors["weight"]}):
+        columns = adapter.matrix_columns(conv, given)
+        assert [c.shape for c in columns] == [(2, 3, 18), (2, 3, 1)]
+        joined = torch.cat(columns, dim=-1)
+        assert torch.equal(joined, adapter.to_matrix(conv, given))
+        back = adapter.from_matrix(conv, joined)
+        assert torch.equal(back["weight"], given["weight"])
+        again = adapter.from_columns(conv, columns)
+        assert all(torch.equal(again[r], back[r]) for r in back)
+    lin = create("adapters", "linear")
+    t = {"weight": torch.randn_like(linear.weight), "bias": torch.randn_like(linear.bias)}
+    assert torch.equal(torch.cat(lin.matrix_columns(linear, t), -1), lin.to_matrix(linear, t))
+    mha = nn.MultiheadAttention(4, 2).double()
+    block = create("adapters", "multihead_attention").blocks(mha)["q_proj"]
+    f64 = torch.float64
+    t = {"weight": torch.randn(4, 4, dtype=f64), "bias": torch.randn(4, dtype=f64)}
+    (only,) = block.matrix_columns(mha, t)
+    assert torch.equal(only, block.to_matrix(mha, t))
+    back = block.from_columns(mha, [only])
+    assert torch.equal(back["weight"], t["weight"]) and torch.equal(back["bias"], t["bias"])

@@ -213,19 +213,30 @@ class LayerAdapter(ABC):
     def to_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
         """Parameter-shaped tensors (weight [, bias]) → the (groups, out_g, in_g[+1]) matrix view
         on which ``G ⊗ A`` acts (bias as the last column; a missing role is zeros)."""
+        columns = self.matrix_columns(module, tensors)
+        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+
+    def matrix_columns(self, module: nn.Module, tensors: dict[str, Tensor]) -> list[Tensor]:
+        """:meth:`to_matrix`'s matrix as blocks of columns (views where possible), whose
+        concatenation along the last dim it is: here the weight's columns and the bias column,
+        so that a solver can multiply them where they lie instead of copying them together
+        (``curvlab.kronecker.sandwich``). An adapter that overrides :meth:`to_matrix` gets its
+        matrix as one block."""
+        if type(self).to_matrix is not LayerAdapter.to_matrix:
+            return [self.to_matrix(module, tensors)]
         params = self.parameters(module)
         weight = tensors.get("weight")
         if weight is None:
             weight = torch.zeros_like(params["weight"])
         out = weight.shape[0]
-        matrix = weight.reshape(out, -1)
+        g = self.groups(module)
+        columns = [weight.reshape(g, out // g, -1)]
         if "bias" in params:
             bias = tensors.get("bias")
             if bias is None:
-                bias = matrix.new_zeros(out)
-            matrix = torch.cat([matrix, bias.reshape(out, 1).to(matrix.dtype)], dim=1)
-        g = self.groups(module)
-        return matrix.reshape(g, out // g, -1)
+                bias = weight.new_zeros(out)
+            columns.append(bias.reshape(g, out // g, 1).to(weight.dtype))
+        return columns
 
     def from_matrix(self, module: nn.Module, matrix: Tensor) -> dict[str, Tensor]:
         """Inverse of :meth:`to_matrix`."""
@@ -237,6 +248,17 @@ class LayerAdapter(ABC):
         result = {"weight": matrix[:, :n_weight].reshape(weight.shape)}
         if "bias" in params:
             result["bias"] = matrix[:, n_weight]
+        return result
+
+    def from_columns(self, module: nn.Module, columns: list[Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`matrix_columns` (a solver's product of the blocks, same widths)."""
+        if type(self).to_matrix is not LayerAdapter.to_matrix or len(columns) == 1:
+            joined = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+            return self.from_matrix(module, joined)
+        params = self.parameters(module)
+        result = {"weight": columns[0].reshape(params["weight"].shape)}
+        if "bias" in params:
+            result["bias"] = columns[1].reshape(-1)
         return result
 
     def __repr__(self) -> str:
