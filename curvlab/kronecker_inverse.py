@@ -26,6 +26,7 @@ kfac-pytorch); ``solver="eigen"`` applies it at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -109,6 +110,34 @@ class InverseOperator(KroneckerOperator):
 
     def factor_diagonals(self) -> tuple[Tensor, Tensor]:
         return self.state["H_diag"], self.state["S_diag"]
+
+    def solve_rows(
+        self,
+        columns: list[Tensor],
+        start: int,
+        stop: int,
+        gather: Callable[[Tensor], Tensor],
+    ) -> list[Tensor]:
+        """Rows ``[start, stop)`` of ``S'⁻¹ V H'⁻¹`` (power 1) from this rank's rows of ``V``,
+        given as blocks of columns (the sharded solve, docs/distributed.md): ``Y = V_rows H'⁻¹``
+        needs no other rank; ``gather`` returns the whole ``Y`` (an all-gather, as many bytes as
+        gathering ``V``); then ``S'⁻¹[rows, :] Y``. Each rank multiplies only its rows. Returns
+        the blocks' rows of the solution, the blocks' widths."""
+        stacked, _ = self.packs.stacked(self.pack_id)
+        H, S = stacked["H_inv"][self.pos], stacked["S_inv"][self.pos]
+        out = self.S_inv.shape[-1]
+        y, first = None, 0
+        for piece in columns:
+            band = H[..., first : first + piece.shape[-1], :]
+            y = piece @ band if y is None else y.baddbmm_(piece, band)
+            first += piece.shape[-1]
+        whole = gather(y)  # (groups, out, padded in)
+        left = S[..., start:stop, :out]
+        solved, first = [], 0
+        for piece in columns:
+            solved.append(left @ whole[..., first : first + piece.shape[-1]])
+            first += piece.shape[-1]
+        return solved
 
     def damped_diagonal(self) -> Tensor:
         S = self.state["S_diag"] + self.state["S_shift"]

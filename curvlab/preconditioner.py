@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from curvlab import sharding
+from curvlab.interfaces.adapter import LayerAdapter
 from curvlab.interfaces.update import Preconditioner
 from curvlab.kronecker import KroneckerOperator, as_matrix, solve_all, split_pi
 from curvlab.layers import LayerRecord
 from curvlab.regions import rows_of, span, tiles, uncovered_parameters
-from curvlab.sharding import RowShard, gather_rows, is_sharded, local, shard_rows_of_term
+from curvlab.sharding import (
+    RowShard,
+    gather_row_blocks,
+    gather_rows,
+    is_sharded,
+    local,
+    shard_rows_of_term,
+)
 
 __all__ = ["CurvaturePreconditioner", "LayerFactors", "Workspace", "split_pi"]
 
@@ -454,10 +464,11 @@ class CurvaturePreconditioner(Preconditioner):
     ) -> None:
         """Banded/full layers: weight and bias as one matrix, solved by the layer's operator.
 
-        A parameter sharded by FSDP2 enters as its local rows: its tensor is gathered whole
-        (one all-gather per parameter, the same layers in the same order on every rank), solved
-        whole, and the rank keeps its rows (``sharding.gather_rows``; docs/distributed.md).
-        """
+        A parameter sharded by FSDP2 enters as its local rows. Where the operator can, the
+        layer is solved on the rows (:meth:`_solve_rows`); otherwise its tensors are gathered
+        whole (one all-gather per parameter, the same layers in the same order on every rank),
+        solved whole, and the rank keeps its rows (``sharding.gather_rows``;
+        docs/distributed.md)."""
         index = {id(p): i for i, p in enumerate(params)}
         for key, shard in self.shards.items():  # a sharded parameter is passed as its rows
             if id(shard.local) in index:
@@ -481,6 +492,8 @@ class CurvaturePreconditioner(Preconditioner):
                 if id(p) in index and id(p) not in self.incomplete
             }
             if not roles:
+                continue
+            if self._solve_rows(record, operator, roles, tensors, power, out):
                 continue
             regions = record.regions
             inputs = {r: source(i, record.params[r]) for r, i in roles.items()}
@@ -512,6 +525,50 @@ class CurvaturePreconditioner(Preconditioner):
         for i, shard in rows.items():  # this rank's rows of the whole solution
             if solved_whole[i] is not None:
                 out[i] = solved_whole[i][shard.start : shard.stop]
+
+    def _solve_rows(
+        self,
+        record: LayerRecord,
+        operator: KroneckerOperator,
+        roles: dict[str, int],
+        tensors: list[Tensor],
+        power: float,
+        out: list,
+    ) -> bool:
+        """The sharded solve of a layer whose parameters are all sharded by the same rows
+        (``sharding.SHARDED_SOLVE``; docs/distributed.md): the operator multiplies this rank's
+        rows where they lie and gathers only the product that mixes rows. False (nothing done)
+        where it does not apply: the operator has no row solve, ``p ≠ 1``, packed regions,
+        convolution groups, an adapter with its own matrix layout, a parameter not sharded or
+        sharded by other rows."""
+        if not sharding.SHARDED_SOLVE or power != 1.0 or not hasattr(operator, "solve_rows"):
+            return False
+        adapter, module = record.adapter, record.module
+        if (
+            record.regions
+            or adapter.groups(module) != 1
+            or type(adapter).to_matrix is not LayerAdapter.to_matrix
+            or set(roles) != set(adapter.parameters(module))
+        ):
+            return False
+        shards = [self.shards.get(id(record.params[r])) for r in roles]
+        first = shards[0]
+        if first is None or any(
+            s is None or (s.start, s.stop, s.rows) != (first.start, first.stop, first.rows)
+            for s in shards
+        ):
+            return False
+        local = {r: tensors[i] for r, i in roles.items()}
+        columns = [c.to(operator.dtype) for c in adapter.matrix_columns(module, local)]
+        solved = operator.solve_rows(
+            columns, first.start, first.stop, partial(gather_row_blocks, shard=first)
+        )
+        weight_i = roles["weight"]
+        out[weight_i] = solved[0].reshape(tensors[weight_i].shape).to(tensors[weight_i].dtype)
+        if "bias" in roles:
+            bias_i = roles["bias"]
+            out[bias_i] = solved[1].reshape(-1).to(tensors[bias_i].dtype)
+        return True
 
     def shard_group(self, param: Tensor) -> object | None:
         return self._shard_groups.get(id(param))

@@ -151,6 +151,30 @@ def gather_rows(local_rows: Tensor, shard: RowShard) -> Tensor:
     return laid_out.full_tensor()
 
 
+#: banded/full layers whose parameters are all sharded by the same rows are solved where the
+#: rows lie when their operator can (``solve_rows``: the inverse solve); False gathers the
+#: parameters' gradients whole and solves them on every rank (docs/distributed.md)
+SHARDED_SOLVE = True
+
+
+def gather_row_blocks(local: Tensor, shard: RowShard) -> Tensor:
+    """The whole ``(groups, rows, n)`` tensor of which every rank holds the rows ``shard``
+    describes along dim 1 (``local``: ``(groups, shard rows, n)``, e.g. ``V_rows H'⁻¹`` of the
+    sharded solve), laid out and gathered like the parameter's rows."""
+    param = shard.param
+    groups, _, n = local.shape
+    rows = local.transpose(0, 1).reshape(local.shape[1], groups * n)
+    laid_out = DTensor.from_local(
+        rows.contiguous(),
+        param.device_mesh,
+        param.placements,
+        shape=torch.Size((shard.rows, groups * n)),
+        stride=(groups * n, 1),
+    )
+    whole = laid_out.full_tensor()
+    return whole.reshape(shard.rows, groups, n).transpose(0, 1)
+
+
 def as_global(value: Tensor, like: Tensor) -> Tensor:
     """A state entry computed on the shard (the local shape of ``like``) as a DTensor laid out
     like the parameter ``like``; anything else (0-dim counters) unchanged."""

@@ -413,8 +413,36 @@ def scenario_four_ranks(world: int, rank: int) -> dict:
     return out
 
 
+def scenario_sharded_solve(world: int, rank: int) -> dict:
+    """K-FAC with the sharded solve (the default) and with gathered gradients, counting the
+    row solves (the sharded path taken)."""
+    from curvlab import sharding
+    from curvlab.kronecker_inverse import InverseOperator
+
+    calls = {"n": 0}
+    original = InverseOperator.solve_rows
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    InverseOperator.solve_rows = counting
+    out = {}
+    try:
+        for flag in (True, False):
+            sharding.SHARDED_SOLVE, calls["n"] = flag, 0
+            result = train("kfac", world=world, rank=rank)
+            result["row_solves"] = calls["n"]
+            out["sharded" if flag else "gathered"] = result
+    finally:
+        InverseOperator.solve_rows = original
+        sharding.SHARDED_SOLVE = True
+    return out
+
+
 SCENARIOS = {
     "equivalence": scenario_equivalence,
+    "sharded_solve": scenario_sharded_solve,
     "mixed_precision": scenario_mixed_precision,
     "nan": scenario_nan,
     "no_reducer": scenario_no_reducer,

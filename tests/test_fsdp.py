@@ -197,6 +197,21 @@ def test_sharded_parameters_require_the_distributed_reducer(ranks: list[dict]) -
 
 
 @pytest.mark.slow
+def test_sharded_solve_equals_the_gathered_solve(ranks: list[dict]) -> None:
+    """K-FAC's inverse solve on row shards (each rank multiplies its rows by H'⁻¹, the product
+    is all-gathered, then S'⁻¹'s rows; the default) and on gathered gradients (every rank
+    solves the whole layer) both equal one process; the sharded path is taken on every rank,
+    at every step, for each of the MLP's 3 Linear layers (all sharded: two in their own FSDP
+    unit, the last in the root's)."""
+    reference = worker.train("kfac")
+    for run in scenario(ranks, "sharded_solve"):
+        assert run["gathered"]["row_solves"] == 0
+        assert run["sharded"]["row_solves"] == 3 * worker.STEPS
+        for how in ("sharded", "gathered"):
+            assert max_diff(run[how]["params"], reference["params"]) < TOL, how
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", worker.SPLIT_CASES)
 def test_split_refresh_equals_every_rank_refreshing(ranks: list[dict], case: str) -> None:
     """KAISA: every refresh of a layer runs on one rank only (the ranks' layer sets are disjoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
@@ -230,7 +231,7 @@ class LayerAdapter(ABC):
             weight = torch.zeros_like(params["weight"])
         out = weight.shape[0]
         g = self.groups(module)
-        columns = [weight.reshape(g, out // g, -1)]
+        columns = [weight.reshape(g, out // g, math.prod(weight.shape[1:]))]  # out may be 0
         if "bias" in params:
             bias = tensors.get("bias")
             if bias is None:
