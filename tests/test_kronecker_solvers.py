@@ -611,3 +611,12 @@ def test_matrix_columns_join_to_the_matrix():
     assert torch.equal(only, block.to_matrix(mha, t))
     back = block.from_columns(mha, [only])
     assert torch.equal(back["weight"], t["weight"]) and torch.equal(back["bias"], t["bias"])
+
+    class Doubling(type(lin)):  # overrides from_matrix only: from_columns must go through it
+        def from_matrix(self, module, matrix):
+            return {r: 2 * v for r, v in super().from_matrix(module, matrix).items()}
+
+    doubling = Doubling()
+    t = {"weight": torch.randn_like(linear.weight), "bias": torch.randn_like(linear.bias)}
+    back = doubling.from_columns(linear, doubling.matrix_columns(linear, t))
+    assert torch.equal(back["weight"], 2 * t["weight"]) and torch.equal(back["bias"], 2 * t["bias"])

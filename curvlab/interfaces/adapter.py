@@ -252,8 +252,13 @@ class LayerAdapter(ABC):
         return result
 
     def from_columns(self, module: nn.Module, columns: list[Tensor]) -> dict[str, Tensor]:
-        """Inverse of :meth:`matrix_columns` (a solver's product of the blocks, same widths)."""
-        if type(self).to_matrix is not LayerAdapter.to_matrix or len(columns) == 1:
+        """Inverse of :meth:`matrix_columns` (a solver's product of the blocks, same widths);
+        an adapter that overrides :meth:`to_matrix` or :meth:`from_matrix` gets the joined
+        matrix through its :meth:`from_matrix`."""
+        cls = type(self)
+        base = LayerAdapter
+        own = cls.to_matrix is base.to_matrix and cls.from_matrix is base.from_matrix
+        if not own or len(columns) == 1:
             joined = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
             return self.from_matrix(module, joined)
         params = self.parameters(module)
