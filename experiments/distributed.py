@@ -17,6 +17,8 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -184,3 +186,25 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     for buffer in model.buffers():
         if not hasattr(buffer, "device_mesh"):  # a DTensor buffer is laid out already
             dist.broadcast(buffer, src=0)
+
+
+def spawn_local_ranks(module: str, argv: list[str], world: int) -> list[int]:
+    """Run ``python -m module *argv`` as the ``world`` ranks of a job on this host (gloo on
+    127.0.0.1, a free port, one intra-op thread each: the timing scripts'
+    ``experiments/*_timing.py`` launcher); each process finds its rank in ``RANK``. Returns
+    their exit codes once all have ended."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-m", module, *argv], env=dict(env, RANK=str(r)))
+        for r in range(world)
+    ]
+    return [p.wait() for p in procs]

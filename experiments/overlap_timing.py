@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -33,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import curvlab
+from curvlab.experiments.distributed import spawn_local_ranks
 
 CONFIGS = ("kfac_full", "adafisher_diagonal")
 
@@ -180,25 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "w") as f:
                 json.dump({"args": vars(args), "torch": torch.__version__, **results}, f, indent=1)
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(args.world),
-        OMP_NUM_THREADS="1",
-    )
     argv = sys.argv[1:] if argv is None else argv
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "curvlab.experiments.overlap_timing", *argv],
-            env=dict(env, RANK=str(r)),
-        )
-        for r in range(args.world)
-    ]
-    codes = [p.wait() for p in procs]
+    codes = spawn_local_ranks("curvlab.experiments.overlap_timing", argv, args.world)
     if any(codes):
         print(f"a rank failed: exit codes {codes}", file=sys.stderr)
         return 1
