@@ -138,15 +138,17 @@ def row_shard(param: Tensor, local_view: Tensor | None = None) -> RowShard:
 
 def gather_rows(local_rows: Tensor, shard: RowShard) -> Tensor:
     """The whole tensor of which every rank holds the rows ``shard`` describes (``local_rows``
-    of the shard's shape, e.g. a gradient or momentum): an all-gather, ``P·(W−1)/W`` entries
-    received per rank."""
+    of the shard's shape, e.g. a gradient or momentum; or any tensor whose rows are split as the
+    parameter's are): an all-gather, ``P·(W−1)/W`` entries received per rank."""
     param = shard.param
+    local_rows = local_rows.contiguous()
+    shape = torch.Size((shard.rows, *local_rows.shape[1:]))
     laid_out = DTensor.from_local(
-        local_rows.contiguous(),
+        local_rows,
         param.device_mesh,
         param.placements,
-        shape=param.shape,
-        stride=param.stride(),
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),  # contiguous
     )
     return laid_out.full_tensor()
 
@@ -161,18 +163,9 @@ def gather_row_blocks(local: Tensor, shard: RowShard) -> Tensor:
     """The whole ``(groups, rows, n)`` tensor of which every rank holds the rows ``shard``
     describes along dim 1 (``local``: ``(groups, shard rows, n)``, e.g. ``V_rows H'⁻¹`` of the
     sharded solve), laid out and gathered like the parameter's rows."""
-    param = shard.param
     groups, _, n = local.shape
     rows = local.transpose(0, 1).reshape(local.shape[1], groups * n)
-    laid_out = DTensor.from_local(
-        rows.contiguous(),
-        param.device_mesh,
-        param.placements,
-        shape=torch.Size((shard.rows, groups * n)),
-        stride=(groups * n, 1),
-    )
-    whole = laid_out.full_tensor()
-    return whole.reshape(shard.rows, groups, n).transpose(0, 1)
+    return gather_rows(rows, shard).reshape(shard.rows, groups, n).transpose(0, 1)
 
 
 def as_global(value: Tensor, like: Tensor) -> Tensor:
