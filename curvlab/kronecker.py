@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.interfaces.adapter import join_columns
 from curvlab.interfaces.normalizer import Normalizer
 from curvlab.structures import dense_factor
 
@@ -113,9 +114,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def as_matrix(matrix: Tensor | list[Tensor]) -> Tensor:
     """A matrix given as blocks of columns (``LayerAdapter.matrix_columns``), joined."""
-    if isinstance(matrix, Tensor):
-        return matrix
-    return matrix[0] if len(matrix) == 1 else torch.cat(matrix, dim=-1)
+    return matrix if isinstance(matrix, Tensor) else join_columns(matrix)
 
 
 def sandwich(
@@ -142,35 +141,40 @@ def sandwich(
     per_slice = left.device.type == "cpu" and rows * cols * max(rows, cols) >= CPU_SLICE_MACS
     if not per_slice:
         stacked = pad_matrices([as_matrix(b) for b in blocks], rows, cols)
-        joined = list(matmul(matmul(left, stacked), right)[..., :m, :n].unbind())
+        joined = matmul(matmul(left, stacked), right)[..., :m, :n].unbind()
+        return [
+            solved if isinstance(matrix, Tensor) else split_columns(solved, widths)
+            for solved, matrix in zip(joined, matrices)
+        ]
     out: list[Tensor | list[Tensor]] = []
     for k, pieces in enumerate(blocks):
-        if not per_slice:
-            solved = joined[k]
-            out.append(solved if isinstance(matrices[k], Tensor) else _split(solved, widths))
-            continue
-        right_k, left_k = right[k], left[k]
-        if m != rows:
-            left_k = left_k[..., :m, :m]
-        y, start = None, 0
-        for piece in pieces:
-            band = right_k[..., start : start + piece.shape[-1], :]
-            if y is None:
-                y = piece @ band
-            elif y.dim() == 3:
-                y.baddbmm_(piece, band)
-            else:
-                y.add_(piece @ band)
-            start += piece.shape[-1]
+        left_k = left[k] if m == rows else left[k][..., :m, :m]
+        y = right_product(pieces, right[k])
         if isinstance(matrices[k], Tensor):
             solved = left_k @ y
             out.append(solved if cols == n else solved[..., :n])
         else:
-            out.append([left_k @ columns for columns in _split(y, widths)])
+            out.append([left_k @ columns for columns in split_columns(y, widths)])
     return out
 
 
-def _split(matrix: Tensor, widths: list[int]) -> list[Tensor]:
+def right_product(columns: list[Tensor], right: Tensor) -> Tensor:
+    """``[B_1 | B_2 | …] @ right`` from the column blocks where they lie: ``Σ_j B_j right[rows of
+    B_j, :]`` (a one-column block is a rank-1 update); ``right`` may have more rows (padding)."""
+    y, start = None, 0
+    for piece in columns:
+        band = right[..., start : start + piece.shape[-1], :]
+        if y is None:
+            y = piece @ band
+        elif y.dim() == 3:
+            y.baddbmm_(piece, band)
+        else:
+            y.add_(piece @ band)
+        start += piece.shape[-1]
+    return y
+
+
+def split_columns(matrix: Tensor, widths: list[int]) -> list[Tensor]:
     """Column blocks of the given widths (views)."""
     return list(matrix[..., : sum(widths)].split(widths, dim=-1))
 

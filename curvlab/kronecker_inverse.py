@@ -41,7 +41,9 @@ from curvlab.kronecker import (
     as_matrix,
     batches,
     normalized_matrix,
+    right_product,
     sandwich,
+    split_columns,
     split_pi,
 )
 
@@ -126,18 +128,9 @@ class InverseOperator(KroneckerOperator):
         stacked, _ = self.packs.stacked(self.pack_id)
         H, S = stacked["H_inv"][self.pos], stacked["S_inv"][self.pos]
         out = self.S_inv.shape[-1]
-        y, first = None, 0
-        for piece in columns:
-            band = H[..., first : first + piece.shape[-1], :]
-            y = piece @ band if y is None else y.baddbmm_(piece, band)
-            first += piece.shape[-1]
-        whole = gather(y)  # (groups, out, padded in)
+        whole = gather(right_product(columns, H))  # (groups, out, padded in)
         left = S[..., start:stop, :out]
-        solved, first = [], 0
-        for piece in columns:
-            solved.append(left @ whole[..., first : first + piece.shape[-1]])
-            first += piece.shape[-1]
-        return solved
+        return [left @ block for block in split_columns(whole, [c.shape[-1] for c in columns])]
 
     def damped_diagonal(self) -> Tensor:
         S = self.state["S_diag"] + self.state["S_shift"]

@@ -214,8 +214,7 @@ class LayerAdapter(ABC):
     def to_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
         """Parameter-shaped tensors (weight [, bias]) → the (groups, out_g, in_g[+1]) matrix view
         on which ``G ⊗ A`` acts (bias as the last column; a missing role is zeros)."""
-        columns = self.matrix_columns(module, tensors)
-        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
+        return join_columns(self.matrix_columns(module, tensors))
 
     def matrix_columns(self, module: nn.Module, tensors: dict[str, Tensor]) -> list[Tensor]:
         """:meth:`to_matrix`'s matrix as blocks of columns (views where possible), whose
@@ -259,8 +258,7 @@ class LayerAdapter(ABC):
         base = LayerAdapter
         own = cls.to_matrix is base.to_matrix and cls.from_matrix is base.from_matrix
         if not own or len(columns) == 1:
-            joined = columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
-            return self.from_matrix(module, joined)
+            return self.from_matrix(module, join_columns(columns))
         params = self.parameters(module)
         result = {"weight": columns[0].reshape(params["weight"].shape)}
         if "bias" in params:
@@ -269,6 +267,11 @@ class LayerAdapter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def join_columns(columns: list[Tensor]) -> Tensor:
+    """The matrix whose blocks of columns these are (:meth:`LayerAdapter.matrix_columns`)."""
+    return columns[0] if len(columns) == 1 else torch.cat(columns, dim=-1)
 
 
 def square_sum(x: Tensor, dims: int | tuple[int, ...], dtype: torch.dtype) -> Tensor:
