@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from curvlab import sharding
-from curvlab.interfaces.adapter import LayerAdapter
 from curvlab.interfaces.update import Preconditioner
 from curvlab.kronecker import KroneckerOperator, as_matrix, solve_all, split_pi
 from curvlab.layers import LayerRecord
@@ -547,7 +546,7 @@ class CurvaturePreconditioner(Preconditioner):
         if (
             record.regions
             or adapter.groups(module) != 1
-            or type(adapter).to_matrix is not LayerAdapter.to_matrix
+            or not adapter.default_matrix_layout
             or set(roles) != set(adapter.parameters(module))
         ):
             return False
@@ -563,11 +562,9 @@ class CurvaturePreconditioner(Preconditioner):
         solved = operator.solve_rows(
             columns, first.start, first.stop, partial(gather_row_blocks, shard=first)
         )
-        weight_i = roles["weight"]
-        out[weight_i] = solved[0].reshape(tensors[weight_i].shape).to(tensors[weight_i].dtype)
-        if "bias" in roles:
-            bias_i = roles["bias"]
-            out[bias_i] = solved[1].reshape(-1).to(tensors[bias_i].dtype)
+        pieces = adapter.from_columns(module, solved)
+        for role, i in roles.items():
+            out[i] = pieces[role].to(tensors[i].dtype)
         return True
 
     def shard_group(self, param: Tensor) -> object | None:

@@ -250,17 +250,22 @@ class LayerAdapter(ABC):
             result["bias"] = matrix[:, n_weight]
         return result
 
+    @property
+    def default_matrix_layout(self) -> bool:
+        """Whether :meth:`to_matrix` and :meth:`from_matrix` are this class's (weight columns,
+        then the bias column), so that the column blocks can be read without joining them."""
+        cls, base = type(self), LayerAdapter
+        return cls.to_matrix is base.to_matrix and cls.from_matrix is base.from_matrix
+
     def from_columns(self, module: nn.Module, columns: list[Tensor]) -> dict[str, Tensor]:
         """Inverse of :meth:`matrix_columns` (a solver's product of the blocks, same widths);
         an adapter that overrides :meth:`to_matrix` or :meth:`from_matrix` gets the joined
         matrix through its :meth:`from_matrix`."""
-        cls = type(self)
-        base = LayerAdapter
-        own = cls.to_matrix is base.to_matrix and cls.from_matrix is base.from_matrix
-        if not own or len(columns) == 1:
+        if not self.default_matrix_layout or len(columns) == 1:
             return self.from_matrix(module, join_columns(columns))
         params = self.parameters(module)
-        result = {"weight": columns[0].reshape(params["weight"].shape)}
+        # rows from the blocks: also a rank's rows of a sharded parameter (the sharded solve)
+        result = {"weight": columns[0].reshape(-1, *params["weight"].shape[1:])}
         if "bias" in params:
             result["bias"] = columns[1].reshape(-1)
         return result
