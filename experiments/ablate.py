@@ -272,11 +272,20 @@ def run_grid(
 
 
 # -- results --------------------------------------------------------------------------------------
+def metric(value: Any) -> float:
+    """A metric as a float: ``null`` (rundir writes NaN and ±inf so, e.g. the loss of a run that
+    diverged) and an empty CSV cell read as NaN, so a diverged run shows as ``nan`` in the tables
+    and as a gap in the curves instead of stopping the report."""
+    return math.nan if value is None or value == "" else float(value)
+
+
 def read_history(run: Run) -> list[dict[str, float]]:
+    """The run's metrics.jsonl rows, every metric a float (:func:`metric`)."""
     path = run.out / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: metric(v) if k in METRICS else v for k, v in row.items()} for row in rows]
 
 
 def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -319,7 +328,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         entry["runs"] += 1
         for key in METRICS:
-            entry["_values"].setdefault(key, []).append(float(row[key]))
+            entry["_values"].setdefault(key, []).append(metric(row[key]))
     for entry in out.values():
         values = entry.pop("_values")
         for key, vs in values.items():

@@ -135,8 +135,8 @@ def select(rows: Sequence[dict[str, Any]]) -> dict[str, Choice]:
             if any(c["status"] != "ok" for c in cells):
                 table[lr] = None
                 continue
-            acc = ablate.mean_std([float(c["test_accuracy"]) for c in cells])
-            loss = ablate.mean_std([float(c["test_loss"]) for c in cells])[0]
+            acc = ablate.mean_std([ablate.metric(c["test_accuracy"]) for c in cells])
+            loss = ablate.mean_std([ablate.metric(c["test_loss"]) for c in cells])[0]
             table[lr] = (acc[0], acc[1], loss if loss == loss else float("inf"))
         done = {lr: v for lr, v in table.items() if v is not None}
         if not done:
@@ -442,7 +442,7 @@ def paired(rows: Sequence[dict[str, Any]], variant: str, reference: str,
            key: str = "test_accuracy") -> tuple[float, float, int, int] | None:
     """``variant − reference`` over the seeds both finished (same seed: same initial weights and
     batches): (mean, sample std, seeds where the variant is higher, seeds)."""
-    by = {(r["variant"], r["seed"]): float(r[key]) for r in rows}
+    by = {(r["variant"], r["seed"]): ablate.metric(r[key]) for r in rows}
     seeds = sorted({s for v, s in by if v == variant} & {s for v, s in by if v == reference})
     if not seeds:
         return None
@@ -459,7 +459,7 @@ def summary_markdown(steps: Sequence[dict[str, Any]], timed: Sequence[dict[str, 
         mine = [r for r in rows if r["variant"] == variant]
         if not mine:
             return "—", mine
-        mean, std = ablate.mean_std([float(r["test_accuracy"]) for r in mine])
+        mean, std = ablate.mean_std([ablate.metric(r["test_accuracy"]) for r in mine])
         return f"{100 * mean:.2f} ± {100 * std:.2f} ({len(mine)})", mine
 
     def delta(rows: Sequence[dict[str, Any]], variant: str) -> str:

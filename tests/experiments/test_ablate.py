@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,21 @@ def test_markdown_table_mean_and_sample_std():
     assert lines[0].startswith("| variant | runs | test accuracy (%)")
     assert "| `a` | 2/2 | **85.00 ± 7.07** | 2.0000 ± 0.0000 | 2.0000 ± 1.4142 |" in lines[2]
     assert lines[3].startswith("| `b` | 0/1 | — |")
+
+
+def test_a_diverged_run_reads_as_nan_in_tables_and_curves(tmp_path):
+    """rundir writes a NaN loss as null: the report shows nan instead of stopping."""
+    run = ablate.Run("a", 0, "c.gin", (), tmp_path / "a" / "seed_0")
+    run.out.mkdir(parents=True)
+    rows = [dict(epoch=e, train_loss=None, test_loss=None, test_accuracy=0.1, train_time_s=e,
+                 time_s=e) for e in (1, 2)]
+    rows[0]["train_loss"] = 2.5
+    (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history = ablate.read_history(run)
+    assert history[0]["train_loss"] == 2.5 and math.isnan(history[1]["train_loss"])
+    table = ablate.markdown_table([dict(variant="a", seed=0, status="ok", **rows[1])])
+    assert "| `a` | 1/1 | **10.00 ± 0.00** | nan ± 0.0000 | nan ± 0.0000 |" in table
+    assert math.isnan(ablate.metric("")) and ablate.metric("0.5") == 0.5
 
 
 def finished(out: Path) -> dict[Path, float]:

@@ -27,6 +27,8 @@ def test_select_takes_the_best_mean_accuracy_ties_to_lower_loss():
         row("adam_lr3e-2", 0, 0.95, 0.1), row("adam_lr3e-2", 1, 0.0, 0.0, "missing"),  # unfinished
         row("no_ema_lr1e-4", 0, 0.5, 1.0), row("no_ema_lr3e-4", 0, 0.6, 1.0),
         row("no_ema_lr1e-3", 0, 0.4, float("nan")),  # diverged: nan loss, low accuracy
+        row("sgd_lr1e-1", 0, 0.1, None), row("sgd_lr1e-2", 0, 0.1, ""),  # null in JSON, CSV
+        row("sgd_lr1e-3", 0, 0.1, 2.3),
     ]
     choices = select(rows)
     adam = choices["adam"]
@@ -34,6 +36,7 @@ def test_select_takes_the_best_mean_accuracy_ties_to_lower_loss():
     assert adam.table["3e-2"] is None and not adam.at_edge  # 3e-2 had a failed seed
     assert adam.accuracy[1] == pytest.approx(0.01414, abs=1e-4)  # sample std of 0.86, 0.84
     assert choices["no_ema"].lr == "3e-4" and not choices["no_ema"].at_edge
+    assert choices["sgd"].lr == "1e-3"  # equal accuracies: the finite loss wins
     edge = select([row("sgd_lr1e-2", 0, 0.5, 1.0), row("sgd_lr1e-1", 0, 0.7, 1.0)])
     assert edge["sgd"].lr == "1e-1" and edge["sgd"].at_edge
     with pytest.raises(ValueError, match="<variant>_lr<lr>"):
