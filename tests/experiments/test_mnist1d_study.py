@@ -140,7 +140,7 @@ def test_estimate_adds_up_the_grid_from_measured_epoch_times(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     # 8000 steps = 200 epochs; 10 s start-up; fallback_sq (not in the pilot) at the slowest rate;
     # the sweep: 63 epochs of the validation split's 32 batches = 50.4 epochs of 40, 1 seed
-    sweep = 3 * (10 + 50.4 * 1.0) + 4 * (10 + 50.4 * 2.0) + 4 * (10 + 50.4 * 2.0)
+    sweep = 4 * (10 + 50.4 * 1.0) + 6 * (10 + 50.4 * 2.0) + 4 * (10 + 50.4 * 2.0)
     steps = 5 * ((10 + 200 * 1.0) + 2 * (10 + 200 * 2.0))
     budget = 3 * 5 * (10 + 200 * 1.0)  # every timed run lasts the reference's (adam) time
     assert lines[0].endswith(f"{sweep / 3600:.1f} h") and lines[1].endswith(f"{steps / 3600:.1f} h")
