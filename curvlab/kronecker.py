@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvlab.interfaces import update as update_interface
 from curvlab.interfaces.adapter import join_columns
 from curvlab.interfaces.normalizer import Normalizer
 from curvlab.structures import dense_factor
@@ -75,13 +76,57 @@ def damped_diagonal(S_diag: Tensor, H_diag: Tensor, damping: float, mode: str) -
     return S_diag.unsqueeze(-1) * H_diag.unsqueeze(-2) + damping
 
 
+def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a stack of symmetric factors, redone in float64 where the
+    factors' dtype failed.
+
+    LAPACK's fp32 divide-and-conquer (``ssyevd``, the CPU wheel's) can return NaN eigenpairs for
+    a finite symmetric matrix without reporting an error, or stop with "failed to converge".
+    Measured here: a 64 × 64 diagonal block of banded AdaFisher's H on the MNIST-1D CNN (entries
+    within [−2, 35]) gave two NaN eigenvalues in fp32, while float64 gave all 64; the NaN
+    eigenvectors then made the Linear layer's update NaN mid-training. On CPU, where reading a
+    flag is free, the batch elements with a non-finite result are recomputed in float64 and
+    cast back (the others keep their fp32 result, bitwise); an error of the fp32 call redoes
+    the whole batch. On a device the result is not read (that would synchronise). A factor that
+    fails in float64 too is not finite or not symmetric: that is raised, naming it."""
+    try:
+        values, vectors = torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+        return _eigh_float64(M)
+    if M.dtype == torch.float64 or not (update_interface.READ_CPU_FLAGS and M.device.type == "cpu"):
+        return values, vectors
+    bad = ~values.isfinite().reshape(-1, values.shape[-1]).all(-1)
+    if bool(bad.any()):
+        flat_values = values.reshape(-1, values.shape[-1])
+        flat_vectors = vectors.reshape(-1, *vectors.shape[-2:])
+        redo_values, redo_vectors = _eigh_float64(M.reshape(-1, *M.shape[-2:])[bad])
+        flat_values[bad], flat_vectors[bad] = redo_values, redo_vectors
+    return values, vectors
+
+
+def _eigh_float64(M: Tensor) -> tuple[Tensor, Tensor]:
+    why = "non-finite eigenpairs"
+    try:
+        values, vectors = torch.linalg.eigh(M.double())
+    except torch.linalg.LinAlgError as err:
+        values, why = None, str(err)
+    if values is None or not bool(values.isfinite().all() and vectors.isfinite().all()):
+        raise torch.linalg.LinAlgError(
+            f"the eigendecomposition of a curvature factor failed in {M.dtype} and in float64 "
+            f"({why}); its entries are not finite or not symmetric, as in a run that diverged"
+        )
+    return values.to(M.dtype), vectors.to(M.dtype)
+
+
 def normalized_matrix(normalizer: Normalizer, dense: Tensor) -> Tensor:
     """The normalised factor as a matrix: the normaliser's matrix form when it has one (no
     eigenvalues needed), else ``Q diag(normalizer(Λ)) Qᵀ`` (exact for an affine map)."""
     matrix = normalizer.normalize_matrix(dense)
     if matrix is not None:
         return matrix
-    values, vectors = torch.linalg.eigh(dense)
+    values, vectors = symmetric_eigh(dense)
     values = normalizer(values, "spectrum")
     return (vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
 

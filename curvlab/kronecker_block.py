@@ -35,6 +35,7 @@ from curvlab.kronecker import (
     damped_diagonal,
     eigen_denominator,
     pad_matrices,
+    symmetric_eigh,
 )
 from curvlab.validation import check_positive_int
 
@@ -200,7 +201,7 @@ class BlockEigenSolver(KroneckerSolver):
                         item.state[f"L{key}_{part}"] = tensor.new_zeros(*tensor.shape[:-1])
         for group in pieces.values():
             flat = torch.cat([t.reshape(-1, *t.shape[-2:]) for *_, t in group])
-            values, vectors = torch.linalg.eigh(flat)
+            values, vectors = symmetric_eigh(flat)
             start = 0
             for item, key, part, tensor in group:
                 count = tensor.numel() // (tensor.shape[-1] ** 2)

@@ -25,6 +25,7 @@ from curvlab.kronecker import (
     eigen_denominator,
     matmul,
     pad_matrices,
+    symmetric_eigh,
 )
 
 EIGEN_KEYS = ("LH", "QH", "LS", "QS")
@@ -90,8 +91,9 @@ class EigenOperator(KroneckerOperator):
 
 
 class EigenSolver(KroneckerSolver):
-    """Eigendecompositions of the factors (``torch.linalg.eigh`` in the factors' dtype, one
-    batched call per factor shape); the exact solve of every damping mode."""
+    """Eigendecompositions of the factors (in the factors' dtype, float64 where that fails:
+    :func:`~curvlab.kronecker.symmetric_eigh`; one batched call per factor shape); the exact
+    solve of every damping mode."""
 
     name = "eigen"
     state_keys = (*EIGEN_KEYS, "eigen_valid")
@@ -105,7 +107,7 @@ class EigenSolver(KroneckerSolver):
         for batch in batches(items):
             stacked = {}
             for key in ("H", "S"):
-                values, vectors = torch.linalg.eigh(torch.stack([it.dense(key) for it in batch]))
+                values, vectors = symmetric_eigh(torch.stack([it.dense(key) for it in batch]))
                 stacked["L" + key], stacked["Q" + key] = values, vectors
             self.packs.adopt(batch, stacked)
             for item in batch:
