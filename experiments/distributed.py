@@ -14,14 +14,17 @@ same signal and wait 30 s before SIGKILL; this ends the job at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -208,3 +211,27 @@ def spawn_local_ranks(module: str, argv: list[str], world: int) -> list[int]:
         for r in range(world)
     ]
     return [p.wait() for p in procs]
+
+
+def run_timing_job(
+    module: str, args: Any, argv: list[str] | None, run_rank: Callable[[Any], dict]
+) -> dict | None:
+    """The timing scripts' ``main``: in a rank (``RANK`` set) run ``run_rank(args)``, rank 0
+    writing ``{"args", "torch", **result}`` to ``args.out``, and return None; otherwise start
+    ``args.world`` local ranks of ``module`` (:func:`spawn_local_ranks`) and return what rank 0
+    wrote, or None (exit codes printed) when a rank failed."""
+    import torch
+
+    if "RANK" in os.environ:
+        result = run_rank(args)
+        if int(os.environ["RANK"]) == 0:
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "torch": torch.__version__, **result}, f, indent=1)
+        return None
+    argv = sys.argv[1:] if argv is None else argv
+    codes = spawn_local_ranks(module, argv, args.world)
+    if any(codes):
+        print(f"a rank failed: exit codes {codes}", file=sys.stderr)
+        return None
+    with open(args.out) as f:
+        return json.load(f)

@@ -18,7 +18,6 @@ rank, one thread per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import curvlab
-from curvlab.experiments.distributed import spawn_local_ranks
+from curvlab.experiments.distributed import run_timing_job
 
 CONFIGS = ("kfac_full", "adafisher_diagonal")
 
@@ -173,19 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args(argv)
-    if "RANK" in os.environ:  # a rank (under torchrun, or started below)
-        results = run_rank(args)
-        if int(os.environ["RANK"]) == 0:
-            with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "torch": torch.__version__, **results}, f, indent=1)
-        return 0
-    argv = sys.argv[1:] if argv is None else argv
-    codes = spawn_local_ranks("curvlab.experiments.overlap_timing", argv, args.world)
-    if any(codes):
-        print(f"a rank failed: exit codes {codes}", file=sys.stderr)
-        return 1
-    with open(args.out) as f:
-        data = json.load(f)
+    # a rank (under torchrun, or started here) writes args.out; the launcher reads it
+    data = run_timing_job("curvlab.experiments.overlap_timing", args, argv, run_rank)
+    if data is None:
+        return 0 if "RANK" in os.environ else 1
     for config in args.configs:
         r = data[config]
         print(

@@ -13,7 +13,6 @@ between the two runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from torch.nn import functional as F
 
 import curvlab
 from curvlab import sharding
-from curvlab.experiments.distributed import spawn_local_ranks
+from curvlab.experiments.distributed import run_timing_job
 
 
 def make_model(width: int, depth: int) -> nn.Module:
@@ -120,19 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--world", type=int, default=2)
     args = parser.parse_args(argv)
-    if "RANK" in os.environ:  # a rank (under torchrun, or started below)
-        result = run_rank(args)
-        if int(os.environ["RANK"]) == 0:
-            with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "torch": torch.__version__, **result}, f, indent=1)
-        return 0
-    argv = sys.argv[1:] if argv is None else argv
-    codes = spawn_local_ranks("curvlab.experiments.sharded_solve_timing", argv, args.world)
-    if any(codes):
-        print(f"a rank failed: exit codes {codes}", file=sys.stderr)
-        return 1
-    with open(args.out) as f:
-        r = json.load(f)
+    # a rank (under torchrun, or started here) writes args.out; the launcher reads it
+    r = run_timing_job("curvlab.experiments.sharded_solve_timing", args, argv, run_rank)
+    if r is None:
+        return 0 if "RANK" in os.environ else 1
     print(
         f"step(): sharded {r['sharded']['step']:.1f} ms, gathered {r['gathered']['step']:.1f} "
         f"ms ({r['ratio_step_sharded_gathered']:.3f}); iteration {r['sharded']['iter']:.1f} / "
