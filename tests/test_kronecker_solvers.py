@@ -620,3 +620,53 @@ def test_matrix_columns_join_to_the_matrix():
     t = {"weight": torch.randn_like(linear.weight), "bias": torch.randn_like(linear.bias)}
     back = doubling.from_columns(linear, doubling.matrix_columns(linear, t))
     assert torch.equal(back["weight"], 2 * t["weight"]) and torch.equal(back["bias"], 2 * t["bias"])
+
+
+@pytest.mark.parametrize("read_cpu_flags", [True, False], ids=["host", "device_path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_banded_inverses_of_a_batch_equal_one_at_a_time_with_two_threads(
+    monkeypatch, read_cpu_flags, dtype
+):
+    """torch's batched LU on CPU calls LAPACK's getrf from several threads at once when
+    intra-op threads > 1 (pytorch#142815): ``linalg.inv`` of a (3, 300, 300) stack then raised
+    ("Pivots given to lu_solve …") or returned wrong inverses (‖M M⁻¹ − I‖ up to 10²), float32
+    and float64 alike. Banded layers of equal shape are inverted as one stack, so the solver's
+    LU inverses (host and device paths) must equal the inverses of each matrix alone."""
+    from curvlab.interfaces import update as update_interface
+
+    monkeypatch.setattr(update_interface, "READ_CPU_FLAGS", read_cpu_flags)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 1, 300, 340, generator=g, dtype=dtype)
+    M = X @ X.transpose(-1, -2) / 300 + 0.1 * torch.eye(300, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inverse = InverseSolver._invert(M, "banded")
+    finally:
+        torch.set_num_threads(threads)
+    alone = torch.stack([torch.linalg.inv(m.double()) for m in M.reshape(-1, 300, 300)])
+    error = (inverse.double().reshape(-1, 300, 300) - alone).abs().amax() / alone.abs().amax()
+    assert float(error) < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_batched_cholesky_and_eigh_equal_one_at_a_time_with_two_threads():
+    """What the full and eigenbasis solvers batch (Cholesky, its inverse, eigh) is not hit by
+    the batched-LU race above: at 2 threads the stack's results equal each matrix's alone,
+    bitwise."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 300, 340, generator=g)
+    M = X @ X.transpose(-1, -2) / 300 + 0.1 * torch.eye(300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        L = torch.linalg.cholesky_ex(M)[0]
+        results = [L, torch.cholesky_inverse(L), torch.linalg.eigh(M)[0]]
+        alone = [
+            torch.stack([torch.linalg.cholesky_ex(m)[0] for m in M]),
+            torch.stack([torch.cholesky_inverse(l) for l in L]),
+            torch.stack([torch.linalg.eigh(m)[0] for m in M]),
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for batched, single in zip(results, alone):
+        assert torch.equal(batched, single)
