@@ -204,6 +204,13 @@ class LayerAdapter(ABC):
             f"the full and banded estimators need input_rows()"
         )
 
+    def input_gram(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Statistic | None:
+        """``Σ ā āᵀ`` over the input rows, (groups, in_g[+1], in_g[+1]) in ``dtype``, with the
+        row count, where this adapter computes it more cheaply than from :meth:`input_rows`
+        (the full estimator asks first); None (the default): the estimator multiplies the
+        rows."""
+        return None
+
     def output_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """g rows as (rows, out); for the full and banded estimators."""
         raise NotImplementedError(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.interfaces.adapter import LayerAdapter, Statistic, square_sum
+from curvlab.plugins.adapters import convolution_gram
 from curvlab.registry import register
 from curvlab.transfer import to_device_async
 
@@ -232,6 +233,30 @@ class ConvolutionAdapter(LayerAdapter):
             table = torch.arange(out)[:, None] * s + torch.arange(k)[None, :] * d
             indices.append(to_device_async(table, x.device))
         return gather_rows(x, indices, module.groups, bias)
+
+    def input_gram(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Statistic | None:
+        """``Σ ā āᵀ`` from shifted correlations of the input, without unfolding it
+        (:mod:`~curvlab.plugins.adapters.convolution_gram`): stride 1, one group, zero
+        padding, and only where that is cheaper (``convolution_gram.worth_it``)."""
+        if (
+            module.groups != 1
+            or module.padding_mode != "zeros"
+            or any(s != 1 for s in module.stride)
+        ):
+            return None
+        x = batched(module, x)
+        rank = spatial_rank(module)
+        pads = explicit_padding(module)  # F.pad order: the last axis first
+        padding = tuple(
+            (pads[2 * (rank - 1 - a)], pads[2 * (rank - 1 - a) + 1]) for a in range(rank)
+        )
+        p = convolution_gram.plan(
+            tuple(x.shape[2:]), tuple(module.kernel_size), tuple(module.dilation), padding
+        )
+        if not convolution_gram.worth_it(p, x.shape[1]):
+            return None
+        gram = convolution_gram.shifted_gram(x.to(dtype), p, module.bias is not None)
+        return Statistic(gram, x.shape[0] * p.positions)
 
     def batch_size(self, module: nn.Module, grad_output: Tensor) -> int:
         return grad_output.shape[0] if grad_output.dim() == spatial_rank(module) + 2 else 1

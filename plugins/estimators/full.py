@@ -116,6 +116,21 @@ class FullEstimator(KroneckerRowsEstimator):
 
     structure = "full"
 
+    def input_statistic(
+        self,
+        adapter: LayerAdapter,
+        module: nn.Module,
+        x: Tensor,
+        output: Tensor,
+        dtype: torch.dtype,
+    ) -> Statistic:
+        # an adapter may compute Σ ā āᵀ without forming the rows (a stride-1 convolution)
+        if self.layer_structure(adapter) == "full":
+            direct = adapter.input_gram(module, x, dtype)
+            if direct is not None:
+                return direct
+        return super().input_statistic(adapter, module, x, output, dtype)
+
     def second_moment(self, rows: Tensor) -> Tensor:
         return gram(rows)
 
