@@ -241,7 +241,7 @@ class InverseSolver(KroneckerSolver):
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info > 0).any()) or not self._well_conditioned(M, shift):
             return self._invert(M.double(), structure).to(M.dtype)
-        return torch.cholesky_inverse(L)
+        return torch.cholesky_inverse(L).mT  # exactly symmetric: the row-major view
 
     @staticmethod
     def _well_conditioned(M: Tensor, shift: Tensor) -> bool:
@@ -262,8 +262,8 @@ class InverseSolver(KroneckerSolver):
         host = update_interface.READ_CPU_FLAGS and M.device.type == "cpu"
         if structure == "full":
             L, _ = torch.linalg.cholesky_ex(M)
-            if host:
-                return torch.cholesky_inverse(L)
+            if host:  # column-major and exactly symmetric: its transpose is the row-major view
+                return torch.cholesky_inverse(L).mT
             eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
             L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
             return L_inv.transpose(-1, -2) @ L_inv

@@ -24,6 +24,7 @@ from torch import nn
 
 import curvlab
 from curvlab.config import CONFIG_ROOT
+from curvlab.kronecker import Packs, RefreshItem
 from curvlab.kronecker_block import BlockEigenSolver, diagonal_blocks
 from curvlab.kronecker_eigen import EigenSolver
 from curvlab.kronecker_inverse import InverseSolver
@@ -670,3 +671,26 @@ def test_batched_cholesky_and_eigh_equal_one_at_a_time_with_two_threads():
         torch.set_num_threads(threads)
     for batched, single in zip(results, alone):
         assert torch.equal(batched, single)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_cholesky_inverses_are_exactly_symmetric_and_row_major(dtype):
+    """The host path returns ``cholesky_inverse(L).mT`` as the row-major inverse, which is the
+    inverse itself only if torch's result is exactly symmetric; and a pack that needs no padding
+    adopts it without a copy (the state entry is the pack's storage)."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(2, 1, 48, 60, generator=g, dtype=dtype)
+    M = X @ X.transpose(-1, -2) / 60 + 0.5 * torch.eye(48, dtype=dtype)
+    inverse = InverseSolver._invert(M, "full")
+    assert inverse.is_contiguous() and torch.equal(inverse, inverse.transpose(-1, -2))
+    torch.testing.assert_close(
+        inverse.double() @ M.double(),
+        torch.eye(48, dtype=torch.float64).expand(2, 1, 48, 48),
+        rtol=0,
+        atol=1e-4 if dtype == torch.float32 else 1e-12,
+    )
+    packs = Packs(("H_inv",))
+    items = [RefreshItem(f"l{i}", "full", {}) for i in range(2)]
+    packs.adopt(items, {"H_inv": inverse})
+    assert items[0].state["H_inv"].data_ptr() == inverse.data_ptr()
+    assert torch.equal(items[1].state["H_inv"], inverse[1])
