@@ -445,10 +445,18 @@ class Packs:
                     packed[key] = pad_matrices(list(value.unbind()), d, d)
             else:
                 packed[key] = value.contiguous()
+        self.install(items, packed, {key: value.shape[1:] for key, value in stacked.items()})
+
+    def install(
+        self, items: list[RefreshItem], packed: dict[str, Tensor], shapes: dict[str, torch.Size]
+    ) -> None:
+        """``packed[key]`` becomes the pack (stacked, contiguous; square matrices zero-padded to
+        :func:`padded_size`, as :meth:`adopt` makes them) and item i's ``state[key]`` views the
+        top-left block of ``shapes[key]`` of ``packed[key][i]``."""
         pack_id, self._next_id = self._next_id, self._next_id + 1
         for pos, item in enumerate(items):
             for key in self.keys:
-                item.state[key] = self._view(packed[key], pos, stacked[key].shape[1:])
+                item.state[key] = self._view(packed[key], pos, shapes[key])
             self._where[item.name] = (pack_id, pos)
         self._packs[pack_id] = (packed, len(items))
         live = {p for p, _ in self._where.values()}

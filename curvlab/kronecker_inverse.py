@@ -41,6 +41,7 @@ from curvlab.kronecker import (
     as_matrix,
     batches,
     normalized_matrix,
+    padded_size,
     right_product,
     sandwich,
     split_columns,
@@ -48,6 +49,8 @@ from curvlab.kronecker import (
 )
 
 INVERSE_KEYS = ("H_inv", "S_inv")
+#: a refresh inverts at most this many bytes of factors at once (see InverseSolver.refresh)
+REFRESH_CHUNK_BYTES = 64 << 20
 #: above this estimated condition number an fp32 factor is inverted in float64
 KAPPA_FP32 = 1e4
 
@@ -63,6 +66,18 @@ def largest_eigenvalue(M: Tensor, iterations: int = 30) -> Tensor:
         v = M @ v
         v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
     return (v * (M @ v)).sum((-2, -1))
+
+
+def refresh_chunks(batch: list[RefreshItem]) -> list[slice]:
+    """Consecutive slices of ``batch`` (layers of equal factor shapes) holding at most
+    :data:`REFRESH_CHUNK_BYTES` of factors each (at least one layer)."""
+    # a factor is (groups, d, d) dense, or (groups, b + 1, d) banded: d is the last dimension
+    per_layer = sum(
+        (f.shape[0] if f.dim() > 2 else 1) * f.shape[-1] ** 2 * f.element_size()
+        for f in (batch[0].state["H"], batch[0].state["S"])
+    )
+    size = max(1, REFRESH_CHUNK_BYTES // max(per_layer, 1))
+    return [slice(i, min(i + size, len(batch))) for i in range(0, len(batch), size)]
 
 
 def one_at_a_time(factorize: Callable, M: Tensor):
@@ -202,33 +217,51 @@ class InverseSolver(KroneckerSolver):
     def refresh(
         self, items: list[RefreshItem], normalizer: Normalizer, damping: float, mode: str
     ) -> None:
+        """Each batch of equal shapes in chunks of at most :data:`REFRESH_CHUNK_BYTES` of
+        factors, each chunk's inverses written into the batch's zero-padded pack as they are
+        made: a refresh holds one chunk's copies, Cholesky factors and inverses at a time
+        besides the packs (a whole batch held three copies of all of it: ResNet-18's three
+        4608² input factors are 255 MB per copy). Small factors still share one batched call
+        (what a device needs); on CPU LAPACK runs one matrix at a time either way."""
         root = math.sqrt(damping)
         self._powers.clear()
         for batch in batches(items):
-            # the normalised factors, stacked (one copy: the EMA factors stay untouched)
-            M = {
-                k: torch.stack([normalized_matrix(normalizer, it.dense(k)) for it in batch])
-                for k in "HS"
-            }
-            # never-updated (zero) factors precondition as identity factors (π = 1)
-            valid = torch.stack([it.state["updated"] for it in batch])
-            host = update_interface.READ_CPU_FLAGS and valid.device.type == "cpu"
-            if not host or not bool(valid.all()):
+            packed: dict[str, Tensor] = {}
+            shapes: dict[str, torch.Size] = {}
+            for chunk in refresh_chunks(batch):
+                part = batch[chunk]
+                # the normalised factors, stacked (one copy: the EMA factors stay untouched)
+                M = {
+                    k: torch.stack([normalized_matrix(normalizer, it.dense(k)) for it in part])
+                    for k in "HS"
+                }
+                # never-updated (zero) factors precondition as identity factors (π = 1)
+                valid = torch.stack([it.state["updated"] for it in part])
+                host = update_interface.READ_CPU_FLAGS and valid.device.type == "cpu"
+                if not host or not bool(valid.all()):
+                    for k in "HS":
+                        eye = torch.eye(M[k].shape[-1], dtype=M[k].dtype, device=M[k].device)
+                        M[k] = torch.where(valid.reshape(-1, 1, 1, 1), M[k], eye)
+                diag = {k: M[k].diagonal(dim1=-2, dim2=-1) for k in "HS"}  # (layers, groups, d)
+                pi = torch.stack([split_pi(h, s) for h, s in zip(diag["H"], diag["S"])])
+                shifts = {"H": pi * root, "S": root / pi}
+                for i, item in enumerate(part):
+                    for k in "HS":
+                        item.state[k + "_diag"] = diag[k][i].clone()
+                        item.state[k + "_shift"] = shifts[k][i]
                 for k in "HS":
-                    eye = torch.eye(M[k].shape[-1], dtype=M[k].dtype, device=M[k].device)
-                    M[k] = torch.where(valid.reshape(-1, 1, 1, 1), M[k], eye)
-            diag = {k: M[k].diagonal(dim1=-2, dim2=-1) for k in "HS"}  # (layers, groups, d)
-            pi = torch.stack([split_pi(h, s) for h, s in zip(diag["H"], diag["S"])])
-            shifts = {"H": pi * root, "S": root / pi}
-            for i, item in enumerate(batch):
-                for k in "HS":
-                    item.state[k + "_diag"] = diag[k][i].clone()
-                    item.state[k + "_shift"] = shifts[k][i]
-            stacked = {}
-            for k in "HS":
-                diag[k].add_(shifts[k].reshape(-1, 1, 1))  # M ← M' + δ I, in place
-                stacked[k + "_inv"] = self._inverse(M[k], batch[0].structure, shifts[k])
-            self.packs.adopt(batch, stacked)
+                    diag[k].add_(shifts[k].reshape(-1, 1, 1))  # M ← M' + δ I, in place
+                    inverse = self._inverse(M.pop(k), part[0].structure, shifts[k])
+                    del diag[k]  # the last reference to the copy: freed before the next
+                    key = k + "_inv"
+                    if key not in packed:
+                        d = padded_size(inverse.shape[-1])
+                        shapes[key] = inverse.shape[1:]
+                        packed[key] = inverse.new_zeros(len(batch), *shapes[key][:-2], d, d)
+                    n = inverse.shape[-1]
+                    packed[key][chunk, ..., :n, :n] = inverse
+                    del inverse
+            self.packs.install(batch, packed, shapes)
 
     def _inverse(self, M: Tensor, structure: str, shift: Tensor) -> Tensor:
         """``M⁻¹`` (M = factor + shift·I, stacked) in M's dtype, factorised in :attr:`dtype`

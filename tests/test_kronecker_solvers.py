@@ -694,3 +694,43 @@ def test_cpu_cholesky_inverses_are_exactly_symmetric_and_row_major(dtype):
     packs.adopt(items, {"H_inv": inverse})
     assert items[0].state["H_inv"].data_ptr() == inverse.data_ptr()
     assert torch.equal(items[1].state["H_inv"], inverse[1])
+
+
+def test_refresh_in_chunks_equals_the_whole_batch(monkeypatch):
+    """K-FAC's refresh inverts a batch of equal shapes in chunks of at most
+    REFRESH_CHUNK_BYTES (memory); chunks of one layer give the inverses, shifts and diagonals
+    of the whole batch at once, and the same steps after (float64: LAPACK's batched and single
+    calls round small matrices differently, so not bitwise)."""
+    from curvlab import kronecker_inverse
+
+    def run(chunk_bytes):
+        monkeypatch.setattr(kronecker_inverse, "REFRESH_CHUNK_BYTES", chunk_bytes)
+        torch.manual_seed(0)
+        layers = [nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh()]
+        model = nn.Sequential(*layers, nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+        opt = curvlab.build_optimizer(
+            model, CONFIG_ROOT / "kfac.gin", bindings=["optimizer.inverse_interval = 2"]
+        )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(16, 40, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 3, (16,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert len(opt.kronecker_solver.packs._packs) == 2  # the three 40→40 layers share one
+        return model, opt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole_model, whole = run(1 << 40)
+        chunked_model, chunked = run(1)
+    finally:
+        torch.set_num_threads(threads)
+    for name, state in whole.curvature_state.items():
+        for key in ("H_inv", "S_inv", "H_shift", "S_shift", "H_diag", "S_diag"):
+            want, got = state[key], chunked.curvature_state[name][key]
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=f"{name} {key}")
+    for a, b in zip(whole_model.parameters(), chunked_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
