@@ -19,7 +19,8 @@ a :class:`KroneckerSolver`, chosen once from the estimator and the damping mode
 A solver's *refresh* (every ``inverse_interval`` steps, and for a layer whose factors arrived
 since) turns the EMA factors into what the steps apply, stored in the layer's curvature state
 (saved with the optimizer: a resumed run continues bitwise). Layers whose factors have equal
-shapes are refreshed, and their products applied, as one batch.
+shapes have their products applied as one batch, and are refreshed in batches (the inverse
+solve: in chunks of at most 64 MiB of factors, for memory).
 """
 
 from __future__ import annotations
