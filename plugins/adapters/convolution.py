@@ -237,9 +237,12 @@ class ConvolutionAdapter(LayerAdapter):
     def input_gram(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> Statistic | None:
         """``Σ ā āᵀ`` from shifted correlations of the input, without unfolding it
         (:mod:`~curvlab.plugins.adapters.convolution_gram`): stride 1, one group, zero
-        padding, and only where that is cheaper (``convolution_gram.worth_it``)."""
+        padding, and only where that is cheaper (``convolution_gram.worth_it``). On CPU only:
+        the cost rule is measured there, and on a device the path's ~100 small products per
+        layer would be bound by kernel launches where the unfold is one large product."""
         if (
-            module.groups != 1
+            x.device.type != "cpu"
+            or module.groups != 1
             or module.padding_mode != "zeros"
             or any(s != 1 for s in module.stride)
         ):

@@ -25,7 +25,7 @@ end (no copy per shift).
 Measured (2 threads, fp32, ResNet-18 at batch 16, unfold + :func:`gram` → this): 64 channels
 at 32×32 182 → 43 ms, 128 at 16×16 126 → 51 ms, 256 at 8×8 69 → 41 ms; 512 at 4×4 157 →
 149 ms (the border is most of a 4×4 image). :func:`worth_it` picks this path from a count of
-multiply-adds (:data:`COST_FRACTION`).
+multiply-adds (:data:`COST_FRACTION`), on CPU (where it was measured).
 """
 
 from __future__ import annotations

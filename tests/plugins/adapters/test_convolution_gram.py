@@ -105,8 +105,9 @@ def test_shifted_gram_equals_the_unfold_gram(case):
 def test_adapter_takes_the_path_where_it_is_cheaper_and_counts_the_rows():
     """64 channels, 3×3, 16×16 (ResNet-18's first stage at a smaller image): the adapter's
     statistic is the shifted Gram, equal to the unfold's, with N·positions rows. Below the
-    dimension threshold, with stride 2, groups, another padding mode, or a 4×4 image where the
-    border strips cost as much as the unfold, it declines (the estimator unfolds)."""
+    dimension threshold, with stride 2, groups, another padding mode, a 4×4 image where the
+    border strips cost as much as the unfold, or off the CPU, it declines (the estimator
+    unfolds)."""
     torch.manual_seed(0)
     m = nn.Conv2d(64, 8, 3, padding=1, bias=True).to(DT)
     x = torch.randn(2, 64, 16, 16, dtype=DT)
@@ -120,6 +121,7 @@ def test_adapter_takes_the_path_where_it_is_cheaper_and_counts_the_rows():
         "groups": (nn.Conv2d(64, 8, 3, groups=2, padding=1), x.float()),
         "reflect": (nn.Conv2d(64, 8, 3, padding=1, padding_mode="reflect"), x.float()),
         "4x4": (nn.Conv2d(512, 8, 3, padding=1), torch.randn(2, 512, 4, 4)),
+        "not on CPU": (m, x.to("meta")),  # measured on CPU only: a device keeps the unfold
     }
     for name, (module, inp) in declined.items():
         assert ADAPTER.input_gram(module, inp, torch.float32) is None, name
