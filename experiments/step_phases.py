@@ -59,6 +59,7 @@ def run(
             runner.step()
             times[runner.name].append((time.perf_counter_ns() - start) / 1e6)
     out: dict = {"model": model, "size": size, "steps": steps, "threads": torch.get_num_threads()}
+    out["git"], out["load_average"] = bench.git_state(), bench.load_average()
     out["curvature_interval"], out["inverse_interval"] = curvature, inverse
     out["optimizers"] = {}
     for name, series in times.items():
