@@ -39,10 +39,16 @@ class DistributedTimeoutError(RuntimeError):
     """A collective did not complete within the timeout; the message names the silent ranks."""
 
 
+#: how collectives report their timeout: gloo ("Timed out waiting ..."; under load also
+#: "Application timeout caused pair closure", when the connection to the silent peer times
+#: out first), a timed ``Work.wait`` ("Operation timed out!"), NCCL's watchdog ("... timed out")
+TIMEOUT_MESSAGES = ("timed out", "timeout caused pair closure")
+
+
 def is_timeout(err: BaseException) -> bool:
-    """Whether ``err`` is a collective's timeout (gloo: "Timed out waiting ...", a timed
-    ``Work.wait``: "Operation timed out!", NCCL's watchdog: "... timed out")."""
-    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+    """Whether ``err`` is a collective's timeout (:data:`TIMEOUT_MESSAGES`)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(m in text for m in TIMEOUT_MESSAGES)
 
 
 @dataclass

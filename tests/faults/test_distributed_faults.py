@@ -123,3 +123,18 @@ def test_a_stopped_rank_ends_the_torchrun_job_within_the_timeout(tmp_path):
         f"error: rank 0: a collective did not complete within train.distributed_timeout_s = "
         f"{timeout_s} s: rank 1 did not respond" in text
     ), text[-3000:]
+
+
+def test_both_ways_gloo_reports_a_timeout_are_recognised():
+    """Under load gloo reported the stopped rank's timeout as "Application timeout caused pair
+    closure" (a full CI run: the job then ran torchrun's 30 s grace, 35.7 s, instead of
+    signalling the silent rank). Both that and "Timed out waiting …" are a collective's
+    timeout; other errors are not."""
+    from curvlab.experiments.distributed import is_timeout
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+    assert is_timeout(RuntimeError(gloo + "Timed out waiting 3000ms for recv operation"))
+    assert is_timeout(RuntimeError(gloo + "Application timeout caused pair closure"))
+    assert is_timeout(RuntimeError("Operation timed out!"))
+    assert not is_timeout(RuntimeError(gloo + "Connection closed by peer [127.0.0.1]:1234"))
+    assert not is_timeout(ValueError("timed out"))  # not a collective's error
