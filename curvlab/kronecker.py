@@ -437,8 +437,8 @@ class Packs:
                 # a zero-padded tensor, row-major (LAPACK's results are column-major), as
                 # re-stacking after a load makes it: MKL's rounding depends on the operands'
                 # layout and alignment, and a resumed run must continue bitwise. A contiguous
-                # stack that needs no padding already is one (no copy: ResNet-18's K-FAC
-                # inverses are 0.3 GB)
+                # stack that needs no padding already is one (no second copy of what ensure()
+                # has just stacked)
                 d = padded_size(shape[-1])
                 if d == shape[-1] and value.is_contiguous():
                     packed[key] = value

@@ -32,22 +32,22 @@ def batched(module: nn.Module, x: Tensor) -> Tensor:
     return x if x.dim() == spatial_rank(module) + 2 else x.unsqueeze(0)
 
 
-def explicit_padding(module: nn.Module) -> tuple[int, ...]:
-    """The padding of ``module`` in ``F.pad`` order: (left, right) of the *last* spatial axis
-    first. Numbers, tuples, "valid" and "same" (as torch does, an odd total puts the extra
-    element on the right)."""
+def padding_per_axis(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """The padding of ``module`` as (before, after) per spatial axis, the first axis first.
+    Numbers, tuples, "valid" and "same" (as torch does, an odd total puts the extra element
+    after)."""
     if isinstance(module.padding, str):
         if module.padding == "valid":
-            return (0,) * (2 * spatial_rank(module))
-        pads: list[int] = []
-        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    pads = []
-    for p in reversed(module.padding):
-        pads += [p, p]
-    return tuple(pads)
+            return ((0, 0),) * spatial_rank(module)
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return tuple((total // 2, total - total // 2) for total in totals)
+    return tuple((p, p) for p in module.padding)
+
+
+def explicit_padding(module: nn.Module) -> tuple[int, ...]:
+    """The padding of ``module`` in ``F.pad`` order: (left, right) of the *last* spatial axis
+    first (:func:`padding_per_axis` reversed)."""
+    return tuple(side for pair in reversed(padding_per_axis(module)) for side in pair)
 
 
 def pad_like_module(module: nn.Module, x: Tensor) -> Tensor:
@@ -248,13 +248,11 @@ class ConvolutionAdapter(LayerAdapter):
         ):
             return None
         x = batched(module, x)
-        rank = spatial_rank(module)
-        pads = explicit_padding(module)  # F.pad order: the last axis first
-        padding = tuple(
-            (pads[2 * (rank - 1 - a)], pads[2 * (rank - 1 - a) + 1]) for a in range(rank)
-        )
         p = convolution_gram.plan(
-            tuple(x.shape[2:]), tuple(module.kernel_size), tuple(module.dilation), padding
+            tuple(x.shape[2:]),
+            tuple(module.kernel_size),
+            tuple(module.dilation),
+            padding_per_axis(module),
         )
         if not convolution_gram.worth_it(p, x.shape[1]):
             return None

@@ -68,6 +68,7 @@ class Plan:
 
     size: tuple[int, ...]  # image size per axis
     extended: tuple[int, ...]  # with (k − 1)·d trailing zeros per axis
+    strides: tuple[int, ...]  # of the flattened extended image, in rows, per axis
     margin: int  # zero rows before and after the flattened batch (the largest flat shift)
     pairs: tuple[Pair, ...]
     windows: tuple[tuple[Range, ...], ...]  # per offset u: W_u clipped to the image
@@ -95,8 +96,8 @@ def plan(
     gaps = [(k - 1) * d for k, d in zip(kernel, dilation)]
     out = [s + lo + hi - g for s, (lo, hi), g in zip(size, padding, gaps)]
     extended = tuple(s + g for s, g in zip(size, gaps))
-    flat = [math.prod(extended[i + 1 :]) for i in range(rank)]
-    margin = sum(g * f for g, f in zip(gaps, flat))
+    strides = tuple(math.prod(extended[i + 1 :]) for i in range(rank))
+    margin = sum(g * f for g, f in zip(gaps, strides))
     offsets = list(itertools.product(*[range(k) for k in kernel]))
     window = [
         tuple(
@@ -134,6 +135,7 @@ def plan(
     return Plan(
         size=tuple(size),
         extended=extended,
+        strides=strides,
         margin=margin,
         pairs=tuple(pairs),
         windows=tuple(tuple(_intersect(w, (0, s)) for w, s in zip(win, size)) for win in window),
@@ -162,7 +164,6 @@ def shifted_gram(x: Tensor, p: Plan, bias: bool) -> Tensor:
     rows = x.new_zeros(p.margin + N * per_sample + p.margin, C)
     image = rows[p.margin : p.margin + N * per_sample].view(N, *p.extended, C)
     image[(slice(None), *[slice(0, s) for s in p.size])] = x.movedim(1, -1)
-    flat = [math.prod(p.extended[i + 1 :]) for i in range(rank)]
     lo, hi = p.margin, p.margin + N * per_sample
     correlation: dict[tuple[int, ...], Tensor] = {}
 
@@ -171,7 +172,7 @@ def shifted_gram(x: Tensor, p: Plan, bias: bool) -> Tensor:
             mirror = tuple(-e for e in shift)
             if mirror in correlation:
                 return correlation[mirror].T
-            offset = sum(dd * f for dd, f in zip(delta, flat))
+            offset = sum(dd * f for dd, f in zip(delta, p.strides))
             correlation[shift] = rows[lo:hi].T @ rows[lo + offset : hi + offset]
         return correlation[shift]
 

@@ -17,19 +17,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvlab.plugins.adapters import convolution_gram
-from curvlab.plugins.adapters.convolution import ConvolutionAdapter, explicit_padding
+from curvlab.plugins.adapters.convolution import ConvolutionAdapter, padding_per_axis
 from tests.plugins.estimators.test_full import curvlinops_factors, kfac_optimizer
 
 DT = torch.float64
 ADAPTER = ConvolutionAdapter()
 CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-
-
-def padding_pairs(m: nn.Module) -> tuple[tuple[int, int], ...]:
-    pads = explicit_padding(m)  # F.pad order
-    rank = len(m.kernel_size)
-    return tuple((pads[2 * (rank - 1 - a)], pads[2 * (rank - 1 - a) + 1]) for a in range(rank))
 
 
 def unfold_gram(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +34,7 @@ def unfold_gram(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def shifted(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x if x.dim() == len(m.kernel_size) + 2 else x.unsqueeze(0)
     p = convolution_gram.plan(
-        tuple(x.shape[2:]), tuple(m.kernel_size), tuple(m.dilation), padding_pairs(m)
+        tuple(x.shape[2:]), tuple(m.kernel_size), tuple(m.dilation), padding_per_axis(m)
     )
     return convolution_gram.shifted_gram(x, p, m.bias is not None)
 
@@ -51,9 +45,7 @@ def stride_one_convolutions(draw):
     kernel = tuple(draw(st.integers(1, 4 if rank < 3 else 3)) for _ in range(rank))
     dilation = tuple(draw(st.integers(1, 3)) for _ in range(rank))
     style = draw(st.sampled_from(["numbers", "same", "valid"]))
-    padding = (
-        tuple(draw(st.integers(0, 4)) for _ in range(rank)) if style == "numbers" else style
-    )
+    padding = tuple(draw(st.integers(0, 4)) for _ in range(rank)) if style == "numbers" else style
     # an image at least as large as the dilated kernel, so that "valid" has an output
     largest = 9 if rank < 3 else 6
     side = tuple(
