@@ -696,6 +696,35 @@ def test_cpu_cholesky_inverses_are_exactly_symmetric_and_row_major(dtype):
     assert torch.equal(items[1].state["H_inv"], inverse[1])
 
 
+@pytest.mark.parametrize("read_cpu_flags", [True, False])
+@pytest.mark.parametrize("structure", ["full", "banded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factors_inverted_at_the_padded_size_give_the_inverse_zero_padded(
+    monkeypatch, dtype, structure, read_cpu_flags
+):
+    """A refresh factorises ``blockdiag(M, I)`` at the packs' size (37 → 48): its top-left block
+    is M⁻¹ (as inverting M alone, float64), everything else exactly zero (the packs' products
+    rely on it); every path: fp32 Cholesky, float64, LU of a band, the device's triangular
+    solves (``READ_CPU_FLAGS`` off)."""
+    from curvlab.interfaces import update as update_interface
+    from curvlab.kronecker_inverse import padded_system
+
+    monkeypatch.setattr(update_interface, "READ_CPU_FLAGS", read_cpu_flags)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 1, 37, 50, generator=g, dtype=dtype)
+    M = X @ X.transpose(-1, -2) / 50 + 0.5 * torch.eye(37, dtype=dtype)
+    padded = padded_system(list(M.unbind()))
+    assert padded.shape == (2, 1, 48, 48) and torch.equal(padded[..., :37, :37], M)
+    inverse = InverseSolver()._inverse(padded, structure, torch.tensor([0.5, 0.5]), 37)
+    assert inverse.shape == (2, 1, 48, 48) and inverse.dtype == dtype
+    want = torch.linalg.inv(M.double())
+    error = (inverse[..., :37, :37].double() - want).abs().amax() / want.abs().amax()
+    assert float(error) < (1e-6 if dtype == torch.float32 else 1e-13)
+    margins = inverse.clone()
+    margins[..., :37, :37] = 0
+    assert torch.equal(margins, torch.zeros_like(margins))
+
+
 def test_refresh_in_chunks_equals_the_whole_batch(monkeypatch):
     """K-FAC's refresh inverts a batch of equal shapes in chunks of at most
     REFRESH_CHUNK_BYTES (memory); chunks of one layer give the inverses, shifts and diagonals
